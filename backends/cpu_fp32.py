@@ -1,0 +1,77 @@
+"""cpu-fp32: the optimized fx program itself, run by PyTorch eager on the CPU.
+
+Saved as a ``torch.export`` archive (``model.pt2``): a graph of ATen ops plus weights,
+which loads without unpickling arbitrary code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphopt.errors import ArtifactError
+from graphopt.program import InputSpec, Program
+from graphopt.targets import Artifact, TargetSpec, register_target
+
+MODEL_FILE = "model.pt2"
+
+
+class ExportedArtifact(Artifact):
+    """An fx program (in memory) or its torch.export archive (loaded)."""
+
+    def __init__(self, module: torch.nn.Module, target: TargetSpec, input_specs: list[InputSpec],
+                 exported: torch.export.ExportedProgram | None = None) -> None:
+        self.module = module
+        self.exported = exported
+        self.target = target.name
+        self.precision = target.precision
+        self.input_specs = input_specs
+
+    def run(self, *inputs: torch.Tensor) -> Any:
+        with torch.inference_mode():
+            return self.module(*inputs)
+
+    def save_files(self, directory: Path) -> dict[str, Any]:
+        exported = self.exported
+        if exported is None:
+            example = tuple(torch.zeros(s.shape, dtype=s.dtype) for s in self.input_specs)
+            with torch.no_grad():
+                exported = torch.export.export(self.module, example)
+        torch.export.save(exported, directory / MODEL_FILE)
+        return {"backend": "torch-eager", "files": [MODEL_FILE]}
+
+
+class TorchEagerBackend:
+    name = "torch-eager"
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def lower(self, program: Program, target: TargetSpec) -> Artifact:
+        gm = program.graph_module
+        gm.eval()
+        return ExportedArtifact(gm, target, program.input_specs)
+
+    def load(self, directory: Path, manifest: dict[str, Any], target: TargetSpec) -> Artifact:
+        path = directory / MODEL_FILE
+        if not path.is_file():
+            raise ArtifactError(f"artifact '{directory}' is missing {MODEL_FILE}")
+        try:
+            exported = torch.export.load(path)
+        except Exception as exc:
+            raise ArtifactError(f"'{path}' is not a readable torch.export archive: {type(exc).__name__}: {exc}") from None
+        specs = [InputSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"])) for i in manifest["inputs"]]
+        return ExportedArtifact(exported.module(), target, specs, exported)
+
+
+BACKEND = TorchEagerBackend()
+
+cpu_fp32 = register_target(
+    "cpu-fp32",
+    backend=BACKEND,
+    precision="fp32",
+    pipeline="fuse-conv-bn-relu,dce",
+    doc="PyTorch eager on the CPU, fp32; saved as a torch.export archive",
+)

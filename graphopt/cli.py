@@ -1,0 +1,300 @@
+"""The ``graphopt`` command. The only place that prints errors and picks exit codes.
+
+Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 backend unavailable,
+4 a pass failed, 5 internal error (a bug in graphopt: please report it with --debug).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+EXIT_INTERNAL = 5
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _shapes(values: Sequence[str]) -> list[tuple[int, ...]] | None:
+    if not values:
+        return None
+    from graphopt.capture import parse_shape
+
+    return [parse_shape(v) for v in values]
+
+
+def _tolerance_options(fn: Any) -> Any:
+    for name, help_text in reversed(
+        [
+            ("max-abs-err", "fail if max |compiled − original| exceeds this"),
+            ("max-rel-err", "fail if max error / max |original| exceeds this"),
+            ("min-cosine", "fail if cosine similarity falls below this"),
+            ("min-sqnr-db", "fail if SQNR (dB) falls below this"),
+            ("min-top1", "fail if top-1 agreement falls below this (0..1)"),
+        ]
+    ):
+        fn = click.option(f"--{name}", type=float, default=None, help=help_text + " (default: per precision)")(fn)
+    return fn
+
+
+def _tolerance(precision: str, kw: dict[str, Any]) -> Any:
+    from graphopt.verify import default_tolerance
+
+    return default_tolerance(precision).with_overrides(
+        max_abs_err=kw.pop("max_abs_err"), max_rel_err=kw.pop("max_rel_err"), min_cosine=kw.pop("min_cosine"),
+        min_sqnr_db=kw.pop("min_sqnr_db"), min_top1=kw.pop("min_top1"),
+    )
+
+
+class _Stages:
+    """A spinner on stderr naming the current stage (only on a terminal)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.status = None
+        if not quiet and sys.stderr.isatty():
+            self.status = _console(stderr=True).status("starting")
+            self.status.start()
+
+    def __call__(self, stage: str) -> None:
+        if self.status is not None:
+            self.status.update(f"{stage}…")
+
+    def stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="graphopt")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """graphopt: compile trained models, and prove they still compute what they did."""
+
+
+@cli.command("compile")
+@click.argument("source", required=False)
+@click.option("--model", "model_opt", metavar="SOURCE", help="The model source, if not given as the argument (pkg.module:factory).")
+@click.option("-t", "--target", default="cpu-fp32", show_default=True, help="Target name (see `graphopt targets`).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output folder [default: NAME.TARGET].")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="1x3x224x224", help="Shape of an input; repeat for several inputs.")
+@click.option("--pipeline", help="Pass pipeline text, e.g. 'fuse-conv-bn-relu,dce' [default: the target's].")
+@click.option("--verify-each", is_flag=True, help="Check every pass against its numerical contract.")
+@click.option("--print-ir-after", multiple=True, metavar="PASS|all", help="Print the graph after a pass (repeatable).")
+@click.option("--plugin", "plugins", multiple=True, metavar="FILE_OR_MODULE", help="Load passes/targets from a plugin.")
+@click.option("--calib-data", type=click.Path(path_type=Path), help="Inputs (.npz/.npy) for verification.")
+@click.option("--verify-samples", default=8, show_default=True, type=click.IntRange(min=1), help="Number of verification inputs.")
+@click.option("--seed", default=0, show_default=True, help="Seed for random verification inputs.")
+@click.option("--weights", type=click.Path(path_type=Path), help="A state_dict file to load into the model a factory builds.")
+@click.option("--trust-pickle", is_flag=True, help="Allow unpickling a .pt that holds a whole nn.Module (runs code from the file).")
+@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@_tolerance_options
+def compile_cmd(source: str | None, model_opt: str | None, target: str, output: Path | None, force: bool,
+                input_shapes: tuple[str, ...], pipeline: str | None, verify_each: bool,
+                print_ir_after: tuple[str, ...], plugins: tuple[str, ...], calib_data: Path | None,
+                verify_samples: int, seed: int, weights: Path | None, trust_pickle: bool, no_latency: bool,
+                as_json: bool, quiet: bool, **tol: Any) -> None:
+    """Compile SOURCE (zoo:NAME, pkg.module:factory, model.pt2, model.pt) for a target."""
+    from graphopt.compiler import compile as do_compile, default_output_dir, host_with
+    from graphopt.errors import UsageError
+
+    if source and model_opt:
+        raise UsageError("give the model either as the SOURCE argument or with --model, not both")
+    source = source or model_opt
+    if not source:
+        raise UsageError("missing SOURCE: zoo:NAME, pkg.module:factory, model.pt2 or model.pt (see graphopt compile --help)")
+    spec = host_with(plugins).targets.get(target)
+    tolerance = _tolerance(spec.precision, tol)
+    out = output or default_output_dir(source, target)
+    stages = _Stages(quiet or as_json)
+    try:
+        result = do_compile(
+            source, target=target, input_shapes=_shapes(input_shapes), pipeline=pipeline, output=out, force=force,
+            verify_each=verify_each, data=calib_data, verify_samples=verify_samples, seed=seed, tolerance=tolerance,
+            plugins=plugins, weights=weights, trust_pickle=trust_pickle, print_ir_after=print_ir_after,
+            measure=not no_latency, on_stage=stages,
+        )
+    except Exception as exc:
+        stages.stop()
+        report = getattr(exc, "report", None)
+        if report is not None and not quiet:
+            report.render(_console(stderr=True))
+        raise
+    stages.stop()
+    if as_json:
+        click.echo(json.dumps(result.report.to_json(), indent=2))
+    elif not quiet:
+        console = _console()
+        result.report.render(console)
+        console.print(f"wrote {out}/")
+
+
+@cli.command("passes")
+@click.option("--plugin", "plugins", multiple=True, metavar="FILE_OR_MODULE", help="Load passes from a plugin.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def passes_cmd(plugins: tuple[str, ...], as_json: bool) -> None:
+    """List the registered passes: name, contract, doc, options."""
+    from rich.table import Table
+
+    from graphopt.compiler import host_with
+
+    host = host_with(plugins)
+    rows = []
+    for spec in host.passes:
+        opts = [{"name": o.text_name, "type": o.type_text(), "default": _plain(o.default)} for o in spec.options.values()]
+        rows.append({"name": spec.name, "contract": spec.contract, "doc": spec.doc, "options": opts, "from": host.passes.origin(spec.name)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table()
+    for col in ("pass", "contract", "description", "options"):
+        table.add_column(col)
+    for r in rows:
+        opts = "\n".join(f"{o['name']}: {o['type']} = {o['default']}" for o in r["options"]) or "–"
+        table.add_row(r["name"], r["contract"], r["doc"], opts)
+    _console().print(table)
+
+
+def _plain(v: Any) -> Any:
+    return v if isinstance(v, (str, int, float, bool)) or v is None else str(v)
+
+
+@cli.command("targets")
+@click.option("--plugin", "plugins", multiple=True, metavar="FILE_OR_MODULE", help="Load targets from a plugin.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def targets_cmd(plugins: tuple[str, ...], as_json: bool) -> None:
+    """List the targets: backend, precision, default pipeline, available here or why not."""
+    from rich.table import Table
+
+    from graphopt.compiler import host_with
+
+    host = host_with(plugins)
+    rows = []
+    for t in host.targets:
+        reason = t.backend.unavailable_reason()
+        rows.append({"name": t.name, "backend": t.backend.name, "precision": t.precision, "pipeline": t.pipeline,
+                     "available": reason is None, "why_not": reason, "doc": t.doc})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table()
+    for col in ("target", "backend", "precision", "default pipeline", "available here"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["backend"], r["precision"], r["pipeline"], "yes" if r["available"] else f"no: {r['why_not']}")
+    _console().print(table)
+
+
+@cli.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--golden", type=click.Path(path_type=Path), required=True, help="Golden file from `graphopt golden record`.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_tolerance_options
+def verify_cmd(artifact: Path, golden: Path, as_json: bool, **tol: Any) -> None:
+    """Check a compiled ARTIFACT folder against a golden file's recorded outputs."""
+    from graphopt.compiler import load_artifact, run_all
+    from graphopt.errors import DataError, VerificationError
+    from graphopt.report import Verification
+    from graphopt.verify import compare, load_golden
+
+    art = load_artifact(artifact)
+    gold = load_golden(golden)
+    tolerance = _tolerance(art.precision, tol)
+    for i, sample in enumerate(gold.inputs):
+        shapes = [tuple(t.shape) for t in sample]
+        want = [s.shape for s in art.input_specs]
+        if shapes != want:
+            raise DataError(f"golden '{golden}': input {i} has shapes {shapes} but '{artifact}' expects {want}")
+    try:
+        comparison = compare(gold.outputs, run_all(art.run, gold.inputs))
+    except ValueError as exc:
+        raise DataError(f"golden '{golden}' does not match '{artifact}': {exc}") from None
+    bad = tolerance.violations(comparison.metrics)
+    result = Verification(not bad, comparison.metrics, tolerance, len(gold.inputs), bad, comparison)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        m = comparison.metrics
+        _console().print(
+            f"{artifact} vs {golden} ({len(gold.inputs)} inputs): max_abs_err {m.max_abs_err:.3g}, "
+            f"max_rel_err {m.max_rel_err:.3g}, cosine {m.cosine:.6f}, sqnr {m.sqnr_db:.1f} dB"
+        )
+    if bad:
+        raise VerificationError(f"'{artifact}' does not match golden '{golden}': {'; '.join(bad)}")
+
+
+@cli.group("golden")
+def golden_group() -> None:
+    """Record golden inputs and outputs of a model."""
+
+
+@golden_group.command("record")
+@click.argument("source")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Golden file to write (.npz).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="1x3x224x224")
+@click.option("--samples", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--calib-data", type=click.Path(path_type=Path), help="Use these inputs (.npz/.npy) instead of random ones.")
+@click.option("--weights", type=click.Path(path_type=Path))
+@click.option("--trust-pickle", is_flag=True)
+@click.option("--force", is_flag=True, help="Replace the golden file if it exists.")
+def golden_record_cmd(source: str, output: Path, input_shapes: tuple[str, ...], samples: int, seed: int,
+                      calib_data: Path | None, weights: Path | None, trust_pickle: bool, force: bool) -> None:
+    """Run SOURCE on fixed inputs and save inputs + outputs to a golden file."""
+    from graphopt.capture import capture
+    from graphopt.compiler import run_all
+    from graphopt.data import samples_for
+    from graphopt.errors import UsageError
+    from graphopt.verify import save_golden
+
+    if output.exists() and not force:
+        raise UsageError(f"golden file '{output}' already exists; pass --force to replace it")
+    if output.suffix != ".npz":
+        raise UsageError(f"golden file '{output}' must end in .npz")
+    program = capture(source, input_shapes=_shapes(input_shapes), weights=weights, trust_pickle=trust_pickle)
+    inputs = samples_for(program.input_specs, n=samples, seed=seed, path=calib_data)
+    outputs = run_all(program.run, inputs)
+    save_golden(output, inputs, outputs, {"source": source, "seed": seed})
+    _console().print(f"wrote {output} ({len(inputs)} inputs)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the CLI, turn errors into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="graphopt", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:  # usage errors from click itself
+        exc.show()
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except Exception as exc:
+        from graphopt.errors import GraphoptError
+
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, GraphoptError):
+            click.echo(f"graphopt: {exc.kind}: {exc}", err=True)
+            return exc.exit_code
+        click.echo(f"graphopt: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        return EXIT_INTERNAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

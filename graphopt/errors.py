@@ -1,0 +1,119 @@
+"""Typed errors. The library raises them; only ``graphopt.cli`` prints and exits.
+
+Every error is one line that names the thing at fault (file, node, pass, option) and,
+where there is a choice, the valid choices. ``exit_code`` is what the CLI returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "GraphoptError",
+    "UsageError",
+    "CaptureError",
+    "PipelineError",
+    "PluginError",
+    "PassError",
+    "BackendUnavailableError",
+    "VerificationError",
+    "DataError",
+    "ArtifactError",
+    "choices",
+]
+
+EXIT_VERIFICATION = 1
+EXIT_BAD_INPUT = 2
+EXIT_BACKEND_UNAVAILABLE = 3
+EXIT_PASS_FAILED = 4
+
+
+class GraphoptError(Exception):
+    """Base of every error graphopt raises on purpose."""
+
+    exit_code: int = EXIT_BAD_INPUT
+    kind: str = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(GraphoptError):
+    """A bad option or argument."""
+
+    kind = "usage error"
+
+
+class CaptureError(GraphoptError):
+    """The model source could not be turned into a Program."""
+
+    kind = "capture error"
+
+
+class PipelineError(GraphoptError):
+    """A pipeline text or a pass option is wrong, or a pass name is unknown."""
+
+    kind = "pipeline error"
+
+
+class PluginError(GraphoptError):
+    """A plugin could not be loaded or registers something twice."""
+
+    kind = "plugin error"
+
+
+class DataError(GraphoptError):
+    """Calibration or verification data is missing or does not fit the model."""
+
+    kind = "data error"
+
+
+class ArtifactError(GraphoptError):
+    """A saved artifact or golden file is missing or unreadable."""
+
+    kind = "artifact error"
+
+
+class PassError(GraphoptError):
+    """A pass raised or left a broken graph; names the pass and the ones before it."""
+
+    kind = "pass error"
+    exit_code = EXIT_PASS_FAILED
+
+    def __init__(self, pass_name: str, before: list[str], cause: BaseException | str) -> None:
+        self.pass_name = pass_name
+        self.before = list(before)
+        self.cause = cause
+        reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        after = ", ".join(self.before) if self.before else "none"
+        super().__init__(
+            f"pass '{pass_name}' failed (passes run before it: [{after}]): {reason}"
+        )
+
+
+class BackendUnavailableError(GraphoptError):
+    """The target's backend cannot run on this machine (missing library or device)."""
+
+    kind = "backend unavailable"
+    exit_code = EXIT_BACKEND_UNAVAILABLE
+
+
+class VerificationError(GraphoptError):
+    """The compiled model does not compute what the original did, within tolerance."""
+
+    kind = "verification failed"
+    exit_code = EXIT_VERIFICATION
+
+    def __init__(self, message: str, report: object | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def choices(items: Iterable[str]) -> str:
+    """Format candidates the same way everywhere: ``'a', 'b', 'c'``."""
+    listed = sorted(set(items))
+    return ", ".join(repr(i) for i in listed) if listed else "(none)"

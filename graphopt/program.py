@@ -1,0 +1,98 @@
+"""Program: the unit every pass reads and rewrites.
+
+A Program is a module-level ``torch.fx.GraphModule`` (Conv2d, BatchNorm2d, Linear,
+activations and pooling stay ``call_module`` nodes), the example inputs it was captured
+with, and ``meta``: where it came from and what passes learned about it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = ["InputSpec", "Program", "flatten_outputs"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Name, shape and dtype of one model input."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+    def random(self, generator: torch.Generator) -> torch.Tensor:
+        """A random tensor of this spec (standard normal for floats)."""
+        if self.dtype.is_floating_point:
+            return torch.randn(self.shape, generator=generator, dtype=self.dtype)
+        return torch.randint(0, 10, self.shape, generator=generator, dtype=self.dtype)
+
+    def shape_text(self) -> str:
+        return "x".join(str(d) for d in self.shape)
+
+
+@dataclass
+class Program:
+    """A captured model: graph module + example inputs + metadata."""
+
+    graph_module: torch.fx.GraphModule
+    example_inputs: tuple[torch.Tensor, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.graph_module.graph
+
+    @property
+    def input_specs(self) -> list[InputSpec]:
+        names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
+        return [
+            InputSpec(str(name), tuple(t.shape), t.dtype)
+            for name, t in zip(names, self.example_inputs)
+        ]
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        return self.run(*inputs)
+
+    def run(self, *inputs: torch.Tensor) -> Any:
+        """Run the graph in inference mode."""
+        with torch.inference_mode():
+            return self.graph_module(*inputs)
+
+    def node_count(self) -> int:
+        """Nodes that compute something (placeholders and output excluded)."""
+        return sum(1 for n in self.graph.nodes if n.op not in ("placeholder", "output"))
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return dict(self.graph_module.named_modules())
+
+    def propagate_shapes(self) -> None:
+        """Fill ``node.meta['tensor_meta']`` by running the example inputs (ShapeProp)."""
+        with torch.no_grad():
+            ShapeProp(self.graph_module).propagate(*self.example_inputs)
+
+    def clone(self) -> "Program":
+        """A deep copy: rewriting the clone never touches this Program's weights."""
+        gm = copy.deepcopy(self.graph_module)
+        return Program(gm, tuple(t.clone() for t in self.example_inputs), copy.deepcopy(self.meta))
+
+    def recompile(self) -> None:
+        self.graph.lint()
+        self.graph_module.recompile()
+
+
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, or nested tuples/lists/dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in flatten_outputs(out[k])]
+    if isinstance(out, Sequence) and not isinstance(out, (str, bytes)):
+        return [t for item in out for t in flatten_outputs(item)]
+    return []

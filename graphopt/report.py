@@ -1,0 +1,117 @@
+"""The compile report: a terminal table and ``report.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graphopt.pipeline import PassRecord
+from graphopt.verify import Comparison, Metrics, Tolerance
+
+__all__ = ["Report", "Verification"]
+
+
+@dataclass
+class Verification:
+    passed: bool
+    metrics: Metrics
+    tolerance: Tolerance
+    samples: int
+    violations: list[str] = field(default_factory=list)
+    comparison: Comparison | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        worst = []
+        if self.comparison is not None:
+            worst = [
+                {"sample": w.sample, "output": w.output, "shape": list(w.shape), **w.metrics.to_json()}
+                for w in self.comparison.worst()
+            ]
+        return {
+            "passed": self.passed,
+            "metrics": self.metrics.to_json(),
+            "tolerance": self.tolerance.to_json(),
+            "samples": self.samples,
+            "violations": self.violations,
+            "worst": worst,
+        }
+
+
+@dataclass
+class Report:
+    source: str
+    target: str
+    pipeline: str
+    passes: list[PassRecord] = field(default_factory=list)
+    verification: Verification | None = None
+    latency_ms: dict[str, float | None] = field(default_factory=dict)
+    size_bytes: dict[str, int | None] = field(default_factory=dict)
+    macs: dict[str, int | None] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "target": self.target,
+            "pipeline": self.pipeline,
+            "passes": [p.to_json() for p in self.passes],
+            "verification": self.verification.to_json() if self.verification else None,
+            "latency_ms": self.latency_ms,
+            "size_bytes": self.size_bytes,
+            "macs": self.macs,
+            "warnings": self.warnings,
+            **self.extra,
+        }
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    def render(self, console: Any) -> None:
+        """Print the tables to a rich Console."""
+        from rich.table import Table
+
+        passes = Table(title=f"{self.source} → {self.target}", title_justify="left")
+        for col in ("pass", "time (ms)", "nodes", "detail"):
+            passes.add_column(col, justify="right" if col in ("time (ms)", "nodes") else "left")
+        for p in self.passes:
+            passes.add_row(p.name, f"{p.seconds * 1e3:.1f}", f"{p.nodes_before} → {p.nodes_after}", p.detail)
+        console.print(passes)
+
+        summary = Table(show_header=True)
+        summary.add_column("")
+        summary.add_column("original", justify="right")
+        summary.add_column("compiled", justify="right")
+        summary.add_column("ratio", justify="right")
+
+        def row(label: str, d: dict[str, Any], fmt: str) -> None:
+            o, c = d.get("original"), d.get("compiled")
+            ratio = f"{c / o:.2f}×" if o and c is not None else ""
+            summary.add_row(label, fmt.format(o) if o is not None else "–", fmt.format(c) if c is not None else "–", ratio)
+
+        row("latency p50 (ms)", self.latency_ms, "{:.2f}")
+        row("size (MB)", {k: (v / 1e6 if v is not None else None) for k, v in self.size_bytes.items()}, "{:.2f}")
+        row("MMACs", {k: (v / 1e6 if v is not None else None) for k, v in self.macs.items()}, "{:.1f}")
+        console.print(summary)
+
+        if self.verification is not None:
+            v = self.verification
+            m = v.metrics
+            top1 = "n/a" if m.top1_agreement is None else f"{m.top1_agreement:.3f}"
+            status = "[green]PASSED[/green]" if v.passed else "[red]FAILED[/red]"
+            console.print(
+                f"verification {status} on {v.samples} inputs: max_abs_err {m.max_abs_err:.3g}, "
+                f"max_rel_err {m.max_rel_err:.3g}, cosine {m.cosine:.6f}, sqnr {m.sqnr_db:.1f} dB, top1 {top1}"
+            )
+            if not v.passed:
+                worst = Table(title="worst outputs", title_justify="left")
+                for col in ("input", "output", "shape", "max_abs_err", "max_rel_err", "cosine"):
+                    worst.add_column(col)
+                for w in (v.comparison.worst() if v.comparison else []):
+                    worst.add_row(str(w.sample), str(w.output), "x".join(map(str, w.shape)),
+                                  f"{w.metrics.max_abs_err:.3g}", f"{w.metrics.max_rel_err:.3g}", f"{w.metrics.cosine:.6f}")
+                console.print(worst)
+        for w in self.warnings:
+            console.print(f"[yellow]warning:[/yellow] {w}")

@@ -1,0 +1,122 @@
+"""Targets: a name that picks a backend, a precision and a default pipeline.
+
+Backends declare their targets with :func:`register_target` at module level; the module
+is loaded as a plugin (entry-point group ``graphopt.plugins``), exactly like a third-party
+one. A backend turns a Program into an :class:`Artifact` and loads saved artifacts back.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from graphopt.errors import ArtifactError, BackendUnavailableError, UsageError
+from graphopt.program import InputSpec, Program
+from graphopt.registry import Registry
+
+__all__ = [
+    "Artifact",
+    "Backend",
+    "TargetSpec",
+    "TargetRegistry",
+    "register_target",
+    "MANIFEST",
+    "read_manifest",
+]
+
+MANIFEST = "artifact.json"
+ARTIFACT_FORMAT = "graphopt-artifact/1"
+
+
+class Artifact(ABC):
+    """A lowered model: callable, saveable, loadable again by its backend."""
+
+    target: str
+    precision: str
+    input_specs: list[InputSpec]
+
+    @abstractmethod
+    def run(self, *inputs: torch.Tensor) -> Any:
+        """Run on CPU tensors; returns what the original model returns."""
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        return self.run(*inputs)
+
+    @abstractmethod
+    def save_files(self, directory: Path) -> dict[str, Any]:
+        """Write the backend's files into ``directory``; return extra manifest fields."""
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the artifact and its manifest (``artifact.json``) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        extra = self.save_files(directory)
+        manifest = {
+            "format": ARTIFACT_FORMAT,
+            "target": self.target,
+            "precision": self.precision,
+            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", "")} for s in self.input_specs],
+            **extra,
+        }
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        return directory
+
+
+class Backend(Protocol):
+    name: str
+
+    def unavailable_reason(self) -> str | None:
+        """None when this machine can run the backend, else why not (one line)."""
+
+    def lower(self, program: Program, target: "TargetSpec") -> Artifact:
+        """Turn an optimized program into an artifact."""
+
+    def load(self, directory: Path, manifest: dict[str, Any], target: "TargetSpec") -> Artifact:
+        """Load an artifact saved by this backend."""
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    backend: Backend
+    precision: str
+    pipeline: str
+    doc: str
+    source: str = field(default="", compare=False)
+
+    def check_available(self) -> None:
+        reason = self.backend.unavailable_reason()
+        if reason:
+            raise BackendUnavailableError(f"target '{self.name}' cannot run here: {reason}")
+
+
+def register_target(name: str, *, backend: Backend, precision: str, pipeline: str, doc: str) -> TargetSpec:
+    """Declare a target; assign it to a module-level name in a plugin module."""
+    source = f"{type(backend).__module__}.{type(backend).__qualname__}"
+    return TargetSpec(name, backend, precision, pipeline, doc, source=source)
+
+
+class TargetRegistry(Registry[TargetSpec]):
+    def __init__(self) -> None:
+        super().__init__("target", UsageError)
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.exists():
+        raise ArtifactError(f"artifact folder '{directory}' does not exist")
+    if not path.is_file():
+        raise ArtifactError(f"'{directory}' is not a graphopt artifact: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"'{path}' is unreadable: {exc}") from None
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"'{path}' has format {manifest.get('format')!r}, expected '{ARTIFACT_FORMAT}'")
+    return manifest

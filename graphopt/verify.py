@@ -1,0 +1,222 @@
+"""Numerical comparison of a compiled model against its original.
+
+Metrics (over every output tensor of every verification input):
+
+- ``max_abs_err``: max |candidate - reference|.
+- ``max_rel_err``: max over outputs of max |candidate - reference| / max |reference|,
+  i.e. the error relative to the output's range. (Element-wise relative error is
+  meaningless next to zeros, which every ReLU network produces.)
+- ``cosine``: the smallest cosine similarity between flattened output tensors.
+- ``sqnr_db``: the smallest signal-to-quantization-noise ratio, 10·log10(Σref² / Σerr²);
+  ``inf`` when the outputs are identical (``null`` in JSON).
+- ``top1_agreement``: the fraction of rows of 2-D ``[batch, classes]`` outputs whose
+  argmax agrees; ``None`` when no output looks like logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from graphopt.errors import ArtifactError, UsageError, choices
+from graphopt.program import flatten_outputs
+
+__all__ = [
+    "Metrics",
+    "Tolerance",
+    "Comparison",
+    "compare",
+    "default_tolerance",
+    "Golden",
+    "save_golden",
+    "load_golden",
+]
+
+
+@dataclass
+class Metrics:
+    max_abs_err: float = 0.0
+    max_rel_err: float = 0.0
+    cosine: float = 1.0
+    sqnr_db: float = math.inf
+    top1_agreement: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Bounds a comparison must meet; ``None`` means the metric is not checked."""
+
+    max_abs_err: float | None = None
+    max_rel_err: float | None = None
+    min_cosine: float | None = None
+    min_sqnr_db: float | None = None
+    min_top1: float | None = None
+
+    def violations(self, m: Metrics) -> list[str]:
+        out = []
+        if self.max_abs_err is not None and not m.max_abs_err <= self.max_abs_err:
+            out.append(f"max_abs_err {m.max_abs_err:.3g} > {self.max_abs_err:g}")
+        if self.max_rel_err is not None and not m.max_rel_err <= self.max_rel_err:
+            out.append(f"max_rel_err {m.max_rel_err:.3g} > {self.max_rel_err:g}")
+        if self.min_cosine is not None and not m.cosine >= self.min_cosine:
+            out.append(f"cosine {m.cosine:.6f} < {self.min_cosine:g}")
+        if self.min_sqnr_db is not None and not m.sqnr_db >= self.min_sqnr_db:
+            out.append(f"sqnr_db {m.sqnr_db:.1f} < {self.min_sqnr_db:g}")
+        if self.min_top1 is not None and m.top1_agreement is not None and not m.top1_agreement >= self.min_top1:
+            out.append(f"top1_agreement {m.top1_agreement:.3f} < {self.min_top1:g}")
+        return out
+
+    def with_overrides(self, **overrides: float | None) -> "Tolerance":
+        valid = {f.name for f in fields(self)}
+        for k in overrides:
+            if k not in valid:
+                raise UsageError(f"unknown tolerance '{k}'; valid: {choices(valid)}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Per-precision defaults. fp32 rewrites must be exact up to float rounding (the error of
+# re-associating sums in folded weights is ~1e-6 of the output range on deep nets).
+_TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_rel_err=1e-4, min_cosine=0.9999),
+    "fp16": Tolerance(max_rel_err=2e-2, min_cosine=0.999),
+    "int8": Tolerance(min_cosine=0.98, min_top1=0.8),
+}
+
+
+def default_tolerance(precision: str) -> Tolerance:
+    try:
+        return _TOLERANCES[precision]
+    except KeyError:
+        raise UsageError(f"unknown precision '{precision}'; valid: {choices(_TOLERANCES)}") from None
+
+
+@dataclass
+class OutputError:
+    """The error of one output tensor of one verification input."""
+
+    sample: int
+    output: int
+    shape: tuple[int, ...]
+    metrics: Metrics
+
+
+@dataclass
+class Comparison:
+    metrics: Metrics
+    per_output: list[OutputError] = field(default_factory=list)
+
+    def worst(self, n: int = 5) -> list[OutputError]:
+        return sorted(self.per_output, key=lambda e: (-e.metrics.max_rel_err, e.metrics.cosine))[:n]
+
+
+def _tensor_metrics(ref: torch.Tensor, cand: torch.Tensor) -> Metrics:
+    r = ref.detach().double().flatten()
+    c = cand.detach().double().flatten()
+    diff = c - r
+    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    scale = float(r.abs().max()) if r.numel() else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    denom = float(r.norm() * c.norm())
+    if denom > 0:
+        cosine = float(torch.dot(r, c)) / denom
+    else:
+        cosine = 1.0 if max_abs == 0 else 0.0
+    noise = float((diff * diff).sum())
+    signal = float((r * r).sum())
+    sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    if not torch.isfinite(c).all():
+        max_abs, max_rel, cosine, sqnr = math.inf, math.inf, -1.0, -math.inf
+    return Metrics(max_abs, max_rel, min(cosine, 1.0), sqnr, None)
+
+
+def compare(references: Sequence[Any], candidates: Sequence[Any]) -> Comparison:
+    """Compare per-sample outputs (each a tensor or a nest of tensors)."""
+    if len(references) != len(candidates):
+        raise ValueError(f"{len(references)} reference outputs but {len(candidates)} candidate outputs")
+    total = Metrics()
+    per_output: list[OutputError] = []
+    agree = rows = 0
+    for i, (ref, cand) in enumerate(zip(references, candidates)):
+        refs, cands = flatten_outputs(ref), flatten_outputs(cand)
+        if len(refs) != len(cands):
+            raise ValueError(f"sample {i}: the original returns {len(refs)} tensors, the candidate {len(cands)}")
+        for k, (r, c) in enumerate(zip(refs, cands)):
+            if tuple(r.shape) != tuple(c.shape):
+                raise ValueError(f"sample {i}, output {k}: shape {tuple(c.shape)} differs from the original's {tuple(r.shape)}")
+            m = _tensor_metrics(r, c)
+            if r.dim() == 2 and r.shape[1] > 1 and r.dtype.is_floating_point:
+                same = (r.argmax(dim=1) == c.argmax(dim=1)).sum().item()
+                agree += int(same)
+                rows += r.shape[0]
+                m.top1_agreement = same / r.shape[0]
+            per_output.append(OutputError(i, k, tuple(r.shape), m))
+            total.max_abs_err = max(total.max_abs_err, m.max_abs_err)
+            total.max_rel_err = max(total.max_rel_err, m.max_rel_err)
+            total.cosine = min(total.cosine, m.cosine)
+            total.sqnr_db = min(total.sqnr_db, m.sqnr_db)
+    total.top1_agreement = agree / rows if rows else None
+    return Comparison(total, per_output)
+
+
+# ---------------------------------------------------------------------------------------
+# Golden files: inputs and the original's outputs, recorded once and checked later.
+
+
+@dataclass
+class Golden:
+    inputs: list[tuple[torch.Tensor, ...]]
+    outputs: list[list[torch.Tensor]]
+    meta: dict[str, Any]
+
+
+def save_golden(path: str | Path, inputs: Sequence[Sequence[torch.Tensor]], outputs: Sequence[Any], meta: dict[str, Any]) -> None:
+    """Write ``.npz``: ``input_<sample>_<k>``, ``output_<sample>_<k>`` and a JSON ``meta``."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, (inp, out) in enumerate(zip(inputs, outputs)):
+        for k, t in enumerate(inp):
+            arrays[f"input_{i}_{k}"] = t.detach().cpu().numpy()
+        for k, t in enumerate(flatten_outputs(out)):
+            arrays[f"output_{i}_{k}"] = t.detach().cpu().numpy()
+    full = {"format": "graphopt-golden/1", "samples": len(inputs), **meta}
+    arrays["meta"] = np.array(json.dumps(full))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_golden(path: str | Path) -> Golden:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"golden file '{path}' does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            arrays = {k: data[k] for k in data.files if k != "meta"}
+    except Exception as exc:
+        raise ArtifactError(f"golden file '{path}' is not a graphopt golden file: {type(exc).__name__}: {exc}") from None
+    if meta.get("format") != "graphopt-golden/1":
+        raise ArtifactError(f"golden file '{path}' has format {meta.get('format')!r}, expected 'graphopt-golden/1'")
+
+    def collect(prefix: str, i: int) -> list[torch.Tensor]:
+        out, k = [], 0
+        while f"{prefix}_{i}_{k}" in arrays:
+            out.append(torch.from_numpy(arrays[f"{prefix}_{i}_{k}"]))
+            k += 1
+        return out
+
+    n = int(meta["samples"])
+    return Golden([tuple(collect("input", i)) for i in range(n)], [collect("output", i) for i in range(n)], meta)

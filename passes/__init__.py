@@ -1,0 +1,1 @@
+"""graphopt's built-in passes, one module each; registered through entry points."""
