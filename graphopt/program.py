@@ -44,6 +44,9 @@ class Program:
     graph_module: torch.fx.GraphModule
     example_inputs: tuple[torch.Tensor, ...]
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Calibration samples (tuples of input tensors) for passes that need data, such as
+    #: insert-quant-stubs. Shared, not copied, by ``clone()``: treat as read-only.
+    calibration: list[tuple[torch.Tensor, ...]] | None = None
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -80,7 +83,7 @@ class Program:
     def clone(self) -> "Program":
         """A deep copy: rewriting the clone never touches this Program's weights."""
         gm = copy.deepcopy(self.graph_module)
-        return Program(gm, tuple(t.clone() for t in self.example_inputs), copy.deepcopy(self.meta))
+        return Program(gm, tuple(t.clone() for t in self.example_inputs), copy.deepcopy(self.meta), self.calibration)
 
     def recompile(self) -> None:
         self.graph.lint()
