@@ -1,0 +1,45 @@
+"""Shared fixtures: small deterministic models and Programs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+from graphopt.program import Program
+
+
+def program_of(model: nn.Module, *shapes: tuple[int, ...], seed: int = 0) -> Program:
+    """Trace ``model`` (eval mode) into a Program with seeded example inputs and shapes."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = tuple(torch.randn(s, generator=g) for s in shapes)
+    gm = torch.fx.symbolic_trace(model.eval())
+    program = Program(gm, inputs, {"source": type(model).__name__})
+    program.propagate_shapes()
+    return program
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics so folding is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            with torch.no_grad():
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model
+
+
+@pytest.fixture
+def fresh_host():
+    """A plugin host with only the installed entry points loaded (not the cached default)."""
+    from graphopt.plugins import PluginHost
+
+    host = PluginHost()
+    host.load_entry_points()
+    return host
