@@ -9,12 +9,17 @@ Sources:
   only array for a single-input model), laid out as for ``.npy``;
 - random: standard normal with a fixed seed.
 
+Calibration (:func:`calibration_samples`) also reads a folder of images (Pillow; resized
+and normalized) and ``pkg.module:function`` callables that yield batches; random
+calibration data comes with a loud warning for the report.
+
 Every array is checked: shape, a floating dtype, finite values, at least one sample.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +28,18 @@ import torch
 from graphopt.errors import DataError, choices
 from graphopt.program import InputSpec
 
-__all__ = ["Sample", "random_samples", "load_samples", "samples_for"]
+__all__ = [
+    "Sample",
+    "random_samples",
+    "load_samples",
+    "samples_for",
+    "CalibrationData",
+    "calibration_samples",
+    "load_image_folder",
+    "load_callable",
+    "NORMALIZATIONS",
+    "RANDOM_CALIBRATION_WARNING",
+]
 
 Sample = tuple[torch.Tensor, ...]
 
@@ -106,3 +122,200 @@ def samples_for(specs: Sequence[InputSpec], *, n: int, seed: int = 0, path: str 
         return random_samples(specs, n, seed)
     samples = load_samples(path, specs)
     return samples[:n] if n > 0 else samples
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration sources: .npy/.npz, a folder of images, a Python callable, or random data
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".webp", ".gif", ".tif", ".tiff")
+#: ``mean``/``std`` presets for :func:`load_image_folder` (per channel, on [0, 1] pixels).
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "none": ((0.0,), (1.0,)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "unit": ((0.5,), (0.5,)),  # [-1, 1]
+}
+RANDOM_CALIBRATION_WARNING = (
+    "CALIBRATION USED RANDOM DATA: int8 ranges were fitted to N(0,1) noise, not to real inputs, "
+    "so accuracy on real data is unknown; pass --calib-data (a .npy/.npz file, a folder of images "
+    "or pkg.module:function) to calibrate on representative inputs"
+)
+
+
+@dataclass
+class CalibrationData:
+    """Calibration samples, where they came from, and a warning when they are random."""
+
+    samples: list[Sample]
+    source: str
+    warning: str | None = None
+
+
+def _rebatch(rows: list[torch.Tensor], spec: InputSpec, where: str) -> list[torch.Tensor]:
+    """Rows ``[k, *spec.shape[1:]]`` regrouped into batches of the spec's batch size."""
+    for r in rows:
+        if tuple(r.shape[1:]) != tuple(spec.shape[1:]):
+            raise DataError(
+                f"{where}: a batch of shape {tuple(r.shape)} does not fit input '{spec.name}' of shape {spec.shape}; "
+                f"expected (B, {', '.join(map(str, spec.shape[1:]))})"
+            )
+        if r.dtype.is_floating_point and not torch.isfinite(r).all():
+            raise DataError(f"{where}: a batch holds NaN or infinite values")
+    flat = torch.cat(rows) if rows else torch.empty(0)
+    if flat.shape[0] == 0:
+        raise DataError(f"{where}: holds no samples")
+    b = spec.shape[0] if spec.shape else 1
+    batches = [flat[i : i + b] for i in range(0, flat.shape[0] - b + 1, b)] if flat.shape[0] >= b else [flat]
+    return [t.to(spec.dtype).contiguous() for t in batches]
+
+
+def _parse_size(size: str | Sequence[int] | None, spec: InputSpec) -> tuple[int, int]:
+    if size is None:
+        if len(spec.shape) != 4:
+            raise DataError(f"input '{spec.name}' of shape {spec.shape} is not an image batch (N, C, H, W)")
+        return spec.shape[2], spec.shape[3]
+    if isinstance(size, str):
+        parts = size.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise DataError(f"image size '{size}' is not HxW (for example 224x224)")
+        return int(parts[0]), int(parts[1])
+    h, w = size
+    return int(h), int(w)
+
+
+def load_image_folder(
+    path: str | Path,
+    specs: Sequence[InputSpec],
+    *,
+    size: str | Sequence[int] | None = None,
+    normalize: str = "none",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> list[Sample]:
+    """Images under ``path`` (sorted, recursive) as samples for a single image input.
+
+    Each image is converted to RGB (3 channels) or L (1 channel), resized to ``size``
+    (``HxW``; default the input's H and W), scaled to [0, 1], then normalized with
+    ``(x - mean) / std`` (a preset from :data:`NORMALIZATIONS`, or explicit values).
+    Images are grouped into batches of the input's batch size.
+    """
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency of the image path only
+        raise DataError("reading a folder of images needs Pillow: pip install pillow") from None
+    path = Path(path)
+    if len(specs) != 1:
+        raise DataError(f"image folder '{path}': the model has {len(specs)} inputs; images calibrate single-input models")
+    spec = specs[0]
+    if len(spec.shape) != 4 or spec.shape[1] not in (1, 3):
+        raise DataError(f"image folder '{path}': input '{spec.name}' of shape {spec.shape} is not (N, 1|3, H, W)")
+    if normalize not in NORMALIZATIONS:
+        raise DataError(f"unknown normalization '{normalize}'; valid: {choices(NORMALIZATIONS)}")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"image folder '{path}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    h, w = _parse_size(size, spec)
+    channels = spec.shape[1]
+    m = torch.tensor(mean if mean is not None else NORMALIZATIONS[normalize][0], dtype=torch.float32)
+    s = torch.tensor(std if std is not None else NORMALIZATIONS[normalize][1], dtype=torch.float32)
+    for name, t in (("mean", m), ("std", s)):
+        if t.numel() not in (1, channels):
+            raise DataError(f"image folder '{path}': {name} has {t.numel()} values; the input has {channels} channels")
+    if (s == 0).any():
+        raise DataError(f"image folder '{path}': std must not be 0")
+    rows = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img = img.convert("RGB" if channels == 3 else "L").resize((w, h), Image.BILINEAR)
+                arr = np.asarray(img, dtype=np.float32) / 255.0
+        except Exception as exc:
+            raise DataError(f"image '{f}' is unreadable: {type(exc).__name__}: {exc}") from None
+        t = torch.from_numpy(arr.copy())
+        t = t.permute(2, 0, 1) if t.dim() == 3 else t.unsqueeze(0)
+        t = (t - m.reshape(-1, 1, 1)) / s.reshape(-1, 1, 1)
+        rows.append(t.unsqueeze(0))
+    return [(b,) for b in _rebatch(rows, spec, f"image folder '{path}'")]
+
+
+def load_callable(target: str, specs: Sequence[InputSpec]) -> list[Sample]:
+    """Samples from ``pkg.module:function``: called with no arguments, it returns or yields
+    batches — a tensor/array (single-input models), a tuple/list of them in input order,
+    or a dict by input name. Batches of any size are regrouped to the inputs' batch size."""
+    import importlib
+
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise DataError(f"calibration source '{target}' is not pkg.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise DataError(f"calibration source '{target}': cannot import '{module_name}': {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise DataError(f"calibration source '{target}': '{module_name}' has no function '{attr}'")
+    try:
+        batches = list(fn())
+    except Exception as exc:
+        raise DataError(f"calibration source '{target}' raised {type(exc).__name__}: {exc}") from None
+    per_input: list[list[torch.Tensor]] = [[] for _ in specs]
+    for i, batch in enumerate(batches):
+        if isinstance(batch, dict):
+            missing = [s.name for s in specs if s.name not in batch]
+            if missing:
+                raise DataError(f"calibration source '{target}': batch {i} has no '{missing[0]}'; it has {choices(batch)}")
+            items = [batch[s.name] for s in specs]
+        elif isinstance(batch, (tuple, list)):
+            items = list(batch)
+        else:
+            items = [batch]
+        if len(items) != len(specs):
+            raise DataError(f"calibration source '{target}': batch {i} has {len(items)} tensors; the model has {len(specs)} inputs")
+        for k, item in enumerate(items):
+            t = torch.as_tensor(np.asarray(item)) if not isinstance(item, torch.Tensor) else item.detach()
+            if specs[k].dtype.is_floating_point and not t.dtype.is_floating_point:
+                raise DataError(f"calibration source '{target}': batch {i}, input '{specs[k].name}' has dtype {t.dtype}, expected floats")
+            per_input[k].append(t.cpu())
+    if not batches:
+        raise DataError(f"calibration source '{target}' returned no batches")
+    grouped = [_rebatch(rows, spec, f"calibration source '{target}'") for rows, spec in zip(per_input, specs)]
+    n = min(len(g) for g in grouped)
+    return [tuple(g[i] for g in grouped) for i in range(n)]
+
+
+def calibration_samples(
+    specs: Sequence[InputSpec],
+    *,
+    source: str | Path | None = None,
+    n: int = 32,
+    seed: int = 0,
+    image_size: str | Sequence[int] | None = None,
+    normalize: str = "none",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> CalibrationData:
+    """Up to ``n`` calibration samples (``n <= 0``: all) from ``source``.
+
+    ``source`` is a ``.npy``/``.npz`` file, a folder of images, ``pkg.module:function``,
+    or None: then ``n`` random samples, with :data:`RANDOM_CALIBRATION_WARNING` for the
+    compile report.
+    """
+    if source is None:
+        count = n if n > 0 else 32
+        return CalibrationData(random_samples(specs, count, seed), f"random N(0,1), {count} samples, seed {seed}",
+                               RANDOM_CALIBRATION_WARNING)
+    text = str(source)
+    path = Path(text)
+    if path.is_dir():
+        samples = load_image_folder(path, specs, size=image_size, normalize=normalize, mean=mean, std=std)
+        kind = "images"
+    elif path.exists() or path.suffix.lower() in (".npy", ".npz"):
+        samples = load_samples(path, specs)
+        kind = "file"
+    elif ":" in text and not path.suffix:
+        samples = load_callable(text, specs)
+        kind = "callable"
+    else:
+        raise DataError(f"calibration data '{text}' is neither a file, a folder of images nor pkg.module:function")
+    if n > 0:
+        samples = samples[:n]
+    return CalibrationData(samples, f"{kind} '{text}', {len(samples)} samples")

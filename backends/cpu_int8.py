@@ -1,0 +1,757 @@
+"""cpu-int8: the simulated-int8 program lowered to PyTorch's quantized CPU kernels.
+
+Lowering (:func:`lower_quantized`) walks the simulated graph once and keeps every value
+either quantized (with its qparams) or fp32:
+
+- a conv/linear :class:`~graphopt.quant.QuantLayer` whose output quantizer follows it
+  (through an absorbed ReLU/ReLU6) becomes ``torch.ao.nn.quantized`` Conv1d/Conv2d/Linear
+  or the fused ``ConvReLU1d/ConvReLU2d/LinearReLU`` with packed int8 weights and that
+  quantizer's scale/zero point: the kernel requantizes directly, no dequantize between;
+- add / mul (``+ relu``), cat and BatchNorm2d (``+ relu``) become ``quantized::add``,
+  ``add_relu``, ``mul``, ``mul_relu``, ``cat`` and quantized BatchNorm2d / BNReLU2d;
+- max/avg/adaptive pooling, mean, flatten, view/reshape, chunk/split, ReLU/ReLU6 run on
+  the quantized tensor itself (same qparams);
+- a quantizer on an fp32 value becomes ``quantize_per_tensor``; an fp32 consumer of a
+  quantized value (an fp32 island, the graph output) gets one ``dequantize``.
+
+Engines: ``x86`` (dispatches between fbgemm and oneDNN per layer), ``fbgemm``, ``onednn``.
+Weights are packed for one engine at lowering and again at load. The default is
+:data:`DEFAULT_ENGINE` (measured: see ``bench/measure_cpu_int8.py``); choose another with
+``program.meta['backend_options'] = {'engine': NAME}`` (the compiler's ``--engine``).
+
+Saved as ``graph.json`` (nodes with their targets from an allow-list, module configs)
+plus ``weights.pt`` (int8 and fp32 tensors only), which loads with
+``torch.load(weights_only=True)``: no code is unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import operator
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
+from graphopt.errors import ArtifactError, BackendUnavailableError, UsageError, choices
+from graphopt.program import InputSpec, Program
+from graphopt.quant import (
+    META_KEY,
+    ActFakeQuant,
+    OpKind,
+    QParams,
+    QuantLayer,
+    absorbable_activation,
+    anchor_inputs,
+    op_kind,
+    rederive,
+    silence_quantized_deprecation,
+)
+from graphopt.targets import Artifact, TargetSpec, register_target
+
+GRAPH_FILE = "graph.json"
+WEIGHTS_FILE = "weights.pt"
+GRAPH_FORMAT = "graphopt-qgraph/1"
+ENGINES = ("x86", "fbgemm", "onednn")
+
+#: Measured with bench/measure_cpu_int8.py (batch 1, 224x224, 2 cores of an AMD EPYC with
+#: AVX512-VNNI, medians of 30): x86 6.4 ms vs fbgemm 7.0 ms on resnet18, 18.8 vs 22.4 ms on
+#: resnet50. x86 picks fbgemm or oneDNN per layer, so it is the default where supported.
+DEFAULT_ENGINE = "x86"
+
+
+def default_engine() -> str:
+    supported = torch.backends.quantized.supported_engines
+    for name in (DEFAULT_ENGINE, "fbgemm", "onednn"):
+        if name in supported:
+            return name
+    return DEFAULT_ENGINE
+
+
+def cpu_has_vnni() -> bool:
+    """True where 8-bit dot products accumulate in 32 bits (no u8*s8 pair saturation)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux: assume a modern CPU; the lowering check still guards
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+@contextmanager
+def engine_scope(engine: str) -> Iterator[None]:
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported:
+        raise BackendUnavailableError(
+            f"quantized engine '{engine}' is not available in this torch build; available: {choices(e for e in supported if e in ENGINES)}"
+        )
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+# ---------------------------------------------------------------------------------------
+# Lowering
+
+
+_QUANT_ADD = {False: torch.ops.quantized.add, True: torch.ops.quantized.add_relu}
+_QUANT_MUL = {False: torch.ops.quantized.mul, True: torch.ops.quantized.mul_relu}
+_CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
+_ADD_FNS = {operator.add, operator.iadd, torch.add}
+
+
+def _fq(gm: GraphModule, n: Node) -> ActFakeQuant | None:
+    if n.op == "call_module":
+        m = gm.get_submodule(str(n.target))
+        if isinstance(m, ActFakeQuant):
+            return m
+    return None
+
+
+def _same(a: QParams | None, b: QParams | None) -> bool:
+    return a is not None and b is not None and (a.scale, a.zero_point, a.dtype) == (b.scale, b.zero_point, b.dtype)
+
+
+def _map_nodes(a: Any, fn) -> Any:
+    return torch.fx.node.map_arg(a, fn)
+
+
+def pack_engine(layer: nn.Module, engine: str) -> str:
+    """The engine whose kernel a conv/linear is packed for.
+
+    fbgemm's depthwise convolution sums pairs of u8*s8 products in 16 bits
+    (``vpmaddubsw``) and saturates with full-range u8 activations, by up to ~30 output
+    steps, even on VNNI CPUs; the ``x86`` engine picks that kernel for many depthwise
+    shapes. oneDNN's depthwise kernel is exact and as fast, so depthwise convs are packed
+    for oneDNN (packed weights carry their kernel: engines mix within one graph).
+    """
+    depthwise = isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups > 1 and layer.groups == layer.in_channels
+    if depthwise and engine in ("x86", "fbgemm") and "onednn" in torch.backends.quantized.supported_engines:
+        return "onednn"
+    return engine
+
+
+def _quantized_layer(q: QuantLayer, relu: bool, qp: QParams, engine: str) -> nn.Module:
+    base = q.base
+    weight = q.weight_fq.quantize(base.weight)
+    bias = base.bias.detach().float() if base.bias is not None else None
+    if isinstance(base, nn.Linear):
+        cls = nniq.LinearReLU if relu else nnq.Linear
+        m = cls(base.in_features, base.out_features, bias_=True)
+    else:
+        if isinstance(base, nn.Conv1d):
+            cls = nniq.ConvReLU1d if relu else nnq.Conv1d
+        else:
+            cls = nniq.ConvReLU2d if relu else nnq.Conv2d
+        m = cls(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding, base.dilation,
+                base.groups, True, base.padding_mode)
+    m.pack_engine = pack_engine(base, engine)
+    with engine_scope(m.pack_engine):
+        m.set_weight_bias(weight, bias)
+    m.scale = qp.scale
+    m.zero_point = qp.zero_point
+    return m
+
+
+def _baked_float_layer(q: QuantLayer) -> nn.Module:
+    """An fp32 copy of a QuantLayer computing with its fake-quantized weights."""
+    layer = copy.deepcopy(q.layer)
+    with torch.no_grad():
+        base = layer[0] if isinstance(layer, nni._FusedModule) else layer
+        base.weight.copy_(q.weight_fq(q.base.weight))
+    return layer
+
+
+def _quantized_bn(bn: nn.BatchNorm2d, relu: bool, qp: QParams) -> nn.Module:
+    cls = nniq.BNReLU2d if relu else nnq.BatchNorm2d
+    m = cls(bn.num_features, bn.eps, bn.momentum if bn.momentum is not None else 0.1)
+    with torch.no_grad():
+        m.weight.copy_(bn.weight.detach() if bn.weight is not None else torch.ones(bn.num_features))
+        m.bias.copy_(bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features))
+        m.running_mean.copy_(bn.running_mean)
+        m.running_var.copy_(bn.running_var)
+    m.scale = qp.scale
+    m.zero_point = qp.zero_point
+    return m
+
+
+class _Lowering:
+    """One walk over the simulated graph, building the quantized graph."""
+
+    def __init__(self, sim: GraphModule, engine: str) -> None:
+        self.sim = sim
+        self.engine = engine
+        self.graph = Graph()
+        self.root: dict[str, Any] = {}
+        self.env: dict[Node, Node] = {}
+        self.qp: dict[Node, QParams | None] = {}
+        self.dequantized: dict[Node, Node] = {}
+        self.absorbed: set[Node] = set()
+        self.points: dict[str, str] = {}  # simulated quantizer node -> lowered node with the same value
+        self.stats = {"quantized_layers": 0, "quantized_ops": 0, "float_ops": 0, "quantize": 0, "dequantize": 0,
+                      "float_layers": []}
+
+    # -- values
+    def fp32(self, n: Node) -> Node:
+        if self.qp.get(n) is None:
+            return self.env[n]
+        if n not in self.dequantized:
+            self.dequantized[n] = self.graph.call_function(torch.dequantize, (self.env[n],))
+            self.stats["dequantize"] += 1
+        return self.dequantized[n]
+
+    def quantized(self, n: Node, qp: QParams) -> Node:
+        cur = self.qp.get(n)
+        if _same(cur, qp):
+            return self.env[n]
+        src = self.fp32(n)
+        self.stats["quantize"] += 1
+        return self.graph.call_function(torch.quantize_per_tensor, (src, qp.scale, qp.zero_point, qp.dtype))
+
+    def module_name(self, target: str) -> str:
+        name, i = target, 1
+        while name in self.root:
+            i += 1
+            name = f"{target}_{i}"
+        return name
+
+    def copy_node(self, n: Node, args_fn) -> Node:
+        args = _map_nodes(n.args, args_fn)
+        kwargs = _map_nodes(n.kwargs, args_fn)
+        target = n.target
+        if n.op == "call_module":
+            name = self.module_name(str(n.target)) if str(n.target) in self.root else str(n.target)
+            module = self.sim.get_submodule(str(n.target))
+            has_state = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+            self.root[name] = copy.deepcopy(module) if has_state else module  # the artifact owns its weights
+            target = name
+        elif n.op == "get_attr":
+            obj: Any = self.sim
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            self.root[str(n.target)] = obj
+        return self.graph.create_node(n.op, target, args, kwargs, name=n.name)
+
+    # -- the walk
+    def output_quantizer(self, n: Node) -> tuple[Node, str | None, ActFakeQuant] | None:
+        """(end, activation kind, quantizer) when ``n``'s output (after an absorbed ReLU/ReLU6) is quantized."""
+        act = absorbable_activation(self.sim, n)
+        end = act or n
+        if len(end.users) != 1:
+            return None
+        (user,) = end.users
+        fq = _fq(self.sim, user)
+        if fq is None or fq.inherit is not None or not fq.enabled:
+            return None
+        kind = None
+        if act is not None:
+            m = self.sim.get_submodule(str(act.target)) if act.op == "call_module" else None
+            is_relu = (type(m) is nn.ReLU) if m is not None else (act.target in (F.relu, torch.relu, torch.relu_, "relu", "relu_"))
+            kind = "relu" if is_relu else "relu6"
+        return end, kind, fq
+
+    def run(self) -> GraphModule:
+        for n in self.sim.graph.nodes:
+            if n in self.absorbed:
+                continue
+            if n.op == "placeholder":
+                self.env[n] = self.graph.create_node("placeholder", n.target, n.args, name=n.name)
+                self.qp[n] = None
+            elif n.op == "output":
+                self.graph.output(_map_nodes(n.args[0], self.fp32))
+            elif n.op == "get_attr":
+                self.env[n] = self.copy_node(n, self.fp32)
+                self.qp[n] = None
+            elif _fq(self.sim, n) is not None:
+                self.lower_quantizer(n)
+            else:
+                self.lower_op(n)
+        gm = GraphModule(self.root, self.graph, class_name="QuantizedGraphModule")
+        gm.graph.lint()
+        gm.recompile()
+        gm.eval()
+        return gm
+
+    def lower_quantizer(self, n: Node) -> None:
+        fq = _fq(self.sim, n)
+        src = n.args[0]
+        if not fq.enabled:
+            self.env[n], self.qp[n] = self.env[src], self.qp.get(src)
+            return
+        qp = fq.qparams
+        self.env[n] = self.quantized(src, qp)
+        self.qp[n] = qp
+        self.points[n.name] = self.env[n].name
+
+    def lower_op(self, n: Node) -> None:
+        kind = op_kind(self.sim, n)
+        if kind in (OpKind.WEIGHTED, OpKind.ANCHOR) and self.lower_anchor(n, kind):
+            return
+        first = n.args[0] if n.args else None
+        if kind in (OpKind.PASSTHROUGH, OpKind.REQUANT, OpKind.SHAPE) and isinstance(first, Node) and self.qp.get(first) is not None:
+            # Runs on the quantized tensor; other Node arguments (sizes, indices) are plain values.
+            new = self.copy_node(n, lambda a: self.env[a] if a is first else self.fp32(a))
+            self.env[n] = new
+            self.qp[n] = self.qp[first] if kind is not OpKind.SHAPE else None
+            self.stats["quantized_ops"] += kind is not OpKind.SHAPE
+            return
+        self.lower_float(n)
+
+    def lower_float(self, n: Node) -> None:
+        if n.op == "call_module" and isinstance(self.sim.get_submodule(str(n.target)), QuantLayer):
+            q = self.sim.get_submodule(str(n.target))
+            name = self.module_name(str(n.target))
+            self.root[name] = _baked_float_layer(q)
+            self.env[n] = self.graph.call_module(name, _map_nodes(n.args, self.fp32), _map_nodes(n.kwargs, self.fp32))
+            self.stats["float_layers"].append(str(n.target))
+        else:
+            self.env[n] = self.copy_node(n, self.fp32)
+            if n.op == "call_module" and isinstance(self.sim.get_submodule(str(n.target)), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                self.stats["float_layers"].append(str(n.target))
+        self.qp[n] = None
+        self.stats["float_ops"] += 1
+
+    def lower_anchor(self, n: Node, kind: OpKind) -> bool:
+        ins = anchor_inputs(self.sim, n)
+        if not ins or any(self.qp.get(a) is None for a in ins):
+            return False
+        found = self.output_quantizer(n)
+        if found is None:
+            return False
+        end, act, fq = found
+        qp = fq.qparams
+        lo, hi = qp.range
+        relu = act is not None
+        clamp6 = act == "relu6" and hi > 6.0 + 1e-6  # the qparams alone do not clip at 6
+        if kind is OpKind.WEIGHTED:
+            q = self.sim.get_submodule(str(n.target))
+            relu = relu or q.fused_relu
+            name = self.module_name(str(n.target))
+            self.root[name] = _quantized_layer(q, relu, qp, self.engine)
+            new = self.graph.create_node("call_module", name, (self.env[n.args[0]],), name=n.name)
+            self.stats["quantized_layers"] += 1
+        elif n.op == "call_module":  # BatchNorm2d
+            name = self.module_name(str(n.target))
+            self.root[name] = _quantized_bn(self.sim.get_submodule(str(n.target)), relu, qp)
+            new = self.graph.create_node("call_module", name, (self.env[n.args[0]],), name=n.name)
+            self.stats["quantized_ops"] += 1
+        elif n.op == "call_function" and n.target in _CAT_FNS:
+            tensors = n.args[0] if n.args else n.kwargs["tensors"]
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            new = self.graph.create_node("call_function", torch.ops.quantized.cat,
+                                         ([self.env[a] for a in tensors], dim, qp.scale, qp.zero_point), name=n.name)
+            if relu:
+                new = self.graph.call_function(torch.relu, (new,))
+            self.stats["quantized_ops"] += 1
+        else:  # add / mul
+            is_add = n.target in _ADD_FNS or n.target in ("add", "add_")
+            fn = (_QUANT_ADD if is_add else _QUANT_MUL)[relu]
+            a, b = n.args
+            new = self.graph.create_node("call_function", fn, (self.env[a], self.env[b], qp.scale, qp.zero_point), name=n.name)
+            self.stats["quantized_ops"] += 1
+        if clamp6:
+            new = self.graph.call_function(F.hardtanh, (new, 0.0, 6.0))
+        self.env[end] = new
+        self.qp[end] = qp
+        if end is not n:
+            self.absorbed.add(end)
+        return True
+
+
+def lower_quantized(program: Program, *, engine: str | None = None) -> tuple[GraphModule, dict[str, Any]]:
+    """The quantized-kernel graph of a simulated-int8 program, and what was lowered how.
+
+    Re-derives the program's qparams first when the kernels need another scheme (u8
+    activations; 7-bit on CPUs without VNNI): the program stays the reference the result
+    is verified against.
+    """
+    info = program.meta.get(META_KEY)
+    if info is None:
+        raise UsageError("cpu-int8 lowers simulated-int8 programs: put insert-quant-stubs in the pipeline")
+    silence_quantized_deprecation()
+    engine = engine or default_engine()
+    if engine not in ENGINES:
+        raise UsageError(f"unknown quantized engine '{engine}'; valid: {choices(ENGINES)}")
+    cfg = info["config"]
+    rederived = []
+    want_rr = cfg["reduce_range"] or (engine in ("fbgemm", "x86") and not cpu_has_vnni())
+    if cfg["activations"] != "u8" or want_rr != cfg["reduce_range"]:
+        rederive(program, "u8", reduce_range=want_rr)
+        rederived.append(f"activations re-derived as u8{' (reduce_range)' if want_rr else ''} from the same calibration")
+    with engine_scope(engine):
+        lowering = _Lowering(program.graph_module, engine)
+        gm = lowering.run()
+    stats = dict(lowering.stats, engine=engine, rederived=rederived, points=lowering.points)
+    return gm, stats
+
+
+# ---------------------------------------------------------------------------------------
+# Serialization: graph.json + weights.pt (tensors only)
+
+_FUNCTION_NAMESPACES: dict[str, Any] = {
+    "torch": torch,
+    "torch.nn.functional": F,
+    "operator": operator,
+}
+_BUILTINS = {"getattr": getattr}
+_OPS_NAMESPACES = ("quantized", "aten")
+_MODULE_NAMESPACES: dict[str, Any] = {"torch.nn": nn, "torch.ao.nn.intrinsic": nni}
+_QUANTIZED_MODULES: dict[str, type] = {
+    "Conv1d": nnq.Conv1d, "Conv2d": nnq.Conv2d, "ConvReLU1d": nniq.ConvReLU1d, "ConvReLU2d": nniq.ConvReLU2d,
+    "Linear": nnq.Linear, "LinearReLU": nniq.LinearReLU, "BatchNorm2d": nnq.BatchNorm2d, "BNReLU2d": nniq.BNReLU2d,
+}
+
+
+def _encode_target(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        ns, name = target._qualified_op_name.split("::")
+        return f"torch.ops.{ns}.{name}"
+    if isinstance(target, torch._ops.OpOverload):
+        ns, name = target._schema.name.split("::")
+        return f"torch.ops.{ns}.{name}.{target._overloadname}"
+    name = getattr(target, "__name__", None)
+    if name in _BUILTINS and _BUILTINS[name] is target:
+        return f"builtins.{name}"
+    for prefix, ns in _FUNCTION_NAMESPACES.items():
+        if name and getattr(ns, name, None) is target:
+            return f"{prefix}.{name}"
+    raise ArtifactError(f"cpu-int8 cannot save a call to {target!r}: it is not a torch, torch.nn.functional or operator function")
+
+
+def _decode_target(text: str) -> Any:
+    if text.startswith("torch.ops."):
+        parts = text.split(".")
+        if len(parts) in (4, 5) and parts[2] in _OPS_NAMESPACES:
+            packet = getattr(getattr(torch.ops, parts[2]), parts[3])
+            return getattr(packet, parts[4]) if len(parts) == 5 else packet
+    elif text.startswith("builtins."):
+        fn = _BUILTINS.get(text.split(".", 1)[1])
+        if fn is not None:
+            return fn
+    else:
+        prefix, _, name = text.rpartition(".")
+        ns = _FUNCTION_NAMESPACES.get(prefix)
+        if ns is not None and not name.startswith("_") and callable(getattr(ns, name, None)):
+            return getattr(ns, name)
+    raise ArtifactError(f"graph.json names the function '{text}', which is not allowed")
+
+
+def _encode_value(v: Any) -> Any:
+    if isinstance(v, Node):
+        return {"node": v.name}
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else {"float": repr(v)}
+    if isinstance(v, torch.Size):
+        return {"tuple": [_encode_value(x) for x in v]}
+    if isinstance(v, tuple):
+        return {"tuple": [_encode_value(x) for x in v]}
+    if isinstance(v, list):
+        return [_encode_value(x) for x in v]
+    if isinstance(v, dict):
+        return {"dict": {str(k): _encode_value(x) for k, x in v.items()}}
+    if isinstance(v, torch.dtype):
+        return {"dtype": str(v).replace("torch.", "")}
+    if isinstance(v, torch.memory_format):
+        return {"memory_format": str(v).replace("torch.", "")}
+    if isinstance(v, torch.device):
+        return {"device": str(v)}
+    if isinstance(v, slice):
+        return {"slice": [_encode_value(v.start), _encode_value(v.stop), _encode_value(v.step)]}
+    if v is Ellipsis:
+        return {"ellipsis": True}
+    raise ArtifactError(f"cpu-int8 cannot save the argument {v!r} ({type(v).__name__})")
+
+
+def _decode_value(v: Any, nodes: dict[str, Node]) -> Any:
+    if isinstance(v, list):
+        return [_decode_value(x, nodes) for x in v]
+    if not isinstance(v, dict):
+        return v
+    (key, x), = v.items()
+    if key == "node":
+        return nodes[x]
+    if key == "tuple":
+        return tuple(_decode_value(i, nodes) for i in x)
+    if key == "dict":
+        return {k: _decode_value(i, nodes) for k, i in x.items()}
+    if key == "float":
+        return float(x)
+    if key in ("dtype", "memory_format"):
+        value = getattr(torch, x, None)
+        if not isinstance(value, (torch.dtype, torch.memory_format)):
+            raise ArtifactError(f"graph.json: unknown {key} '{x}'")
+        return value
+    if key == "device":
+        return torch.device(x)
+    if key == "slice":
+        return slice(*(_decode_value(i, nodes) for i in x))
+    if key == "ellipsis":
+        return Ellipsis
+    raise ArtifactError(f"graph.json: unknown value tag '{key}'")
+
+
+def _float_module_config(name: str, m: nn.Module) -> dict[str, Any]:
+    import inspect
+
+    cls = type(m)
+    for prefix, ns in _MODULE_NAMESPACES.items():
+        if getattr(ns, cls.__name__, None) is cls:
+            break
+    else:
+        raise ArtifactError(f"cpu-int8 cannot save module '{name}' of type {cls.__module__}.{cls.__qualname__} (only torch.nn modules)")
+    if isinstance(m, nni._FusedModule):
+        return {"kind": "fused", "type": f"{prefix}.{cls.__name__}",
+                "children": [_float_module_config(f"{name}.{i}", c) for i, c in enumerate(m)]}
+    args: dict[str, Any] = {}
+    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if p.name in ("device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name == "bias" and isinstance(getattr(m, "bias", None), (torch.Tensor, type(None))):
+            args["bias"] = m.bias is not None
+        elif p.name == "elementwise_affine" and hasattr(m, "elementwise_affine"):
+            args[p.name] = m.elementwise_affine
+        elif hasattr(m, p.name):
+            args[p.name] = _encode_value(getattr(m, p.name))
+        elif p.default is p.empty:
+            raise ArtifactError(f"cpu-int8 cannot save module '{name}' ({cls.__name__}): constructor argument '{p.name}' is not an attribute")
+    return {"kind": "float", "type": f"{prefix}.{cls.__name__}", "args": args}
+
+
+def _build_float_module(cfg: dict[str, Any]) -> nn.Module:
+    prefix, _, cls_name = cfg["type"].rpartition(".")
+    ns = _MODULE_NAMESPACES.get(prefix)
+    cls = getattr(ns, cls_name, None) if ns is not None and not cls_name.startswith("_") else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ArtifactError(f"graph.json names the module type '{cfg['type']}', which is not allowed")
+    if cfg["kind"] == "fused":
+        return cls(*(_build_float_module(c) for c in cfg["children"]))
+    args = {k: _tuple_lists(_decode_value(v, {})) for k, v in cfg["args"].items()}
+    return cls(**args)
+
+
+def _tuple_lists(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _module_entry(name: str, m: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    cls = type(m)
+    qname = next((k for k, c in _QUANTIZED_MODULES.items() if c is cls), None)
+    if qname is not None:
+        entry: dict[str, Any] = {"kind": "quantized", "type": qname, "scale": float(m.scale), "zero_point": int(m.zero_point)}
+        if getattr(m, "pack_engine", None):
+            entry["pack_engine"] = m.pack_engine
+        if isinstance(m, nnq.BatchNorm2d):
+            entry.update(num_features=m.num_features, eps=m.eps, momentum=m.momentum)
+            for k in ("weight", "bias", "running_mean", "running_var"):
+                tensors[f"{name}.{k}"] = getattr(m, k).detach().clone()
+            return entry
+        weight, bias = m.weight(), m.bias()
+        tensors[f"{name}.weight"] = weight
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.detach().clone()
+        if isinstance(m, nnq.Linear):
+            entry.update(in_features=m.in_features, out_features=m.out_features)
+        else:
+            entry.update(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
+                         stride=list(m.stride), padding=list(m.padding), dilation=list(m.dilation), groups=m.groups,
+                         padding_mode=m.padding_mode)
+        return entry
+    entry = _float_module_config(name, m)
+    for k, t in m.state_dict().items():
+        tensors[f"{name}.{k}"] = t.detach().clone()
+    return entry
+
+
+def _build_module(name: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
+    if entry["kind"] != "quantized":
+        m = _build_float_module(entry)
+        state = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(name + ".")}
+        missing, unexpected = m.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ArtifactError(f"weights.pt does not fit module '{name}': missing {missing}, unexpected {unexpected}")
+        return m.eval()
+    cls = _QUANTIZED_MODULES.get(entry["type"])
+    if cls is None:
+        raise ArtifactError(f"graph.json: unknown quantized module type '{entry['type']}'")
+    try:
+        if issubclass(cls, nnq.BatchNorm2d):
+            m = cls(entry["num_features"], entry["eps"], entry["momentum"])
+            with torch.no_grad():
+                for k in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(m, k).copy_(tensors[f"{name}.{k}"])
+        else:
+            if issubclass(cls, nnq.Linear):
+                m = cls(entry["in_features"], entry["out_features"], bias_=True)
+            else:
+                m = cls(entry["in_channels"], entry["out_channels"], tuple(entry["kernel_size"]), tuple(entry["stride"]),
+                        tuple(entry["padding"]), tuple(entry["dilation"]), entry["groups"], True, entry["padding_mode"])
+            packer = entry.get("pack_engine")
+            if packer is not None and packer not in ENGINES:
+                raise ArtifactError(f"graph.json: module '{name}' names the unknown engine '{packer}'")
+            m.pack_engine = packer or torch.backends.quantized.engine
+            with engine_scope(m.pack_engine):
+                m.set_weight_bias(tensors[f"{name}.weight"], tensors.get(f"{name}.bias"))
+    except KeyError as exc:
+        raise ArtifactError(f"weights.pt has no tensor {exc} for module '{name}'") from None
+    m.scale = float(entry["scale"])
+    m.zero_point = int(entry["zero_point"])
+    return m
+
+
+def save_graph(gm: GraphModule, directory: Path, engine: str, points: dict[str, str] | None = None) -> list[str]:
+    """Write ``graph.json`` and ``weights.pt`` for a lowered graph; returns the file names."""
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, Any] = {}
+    attrs: list[str] = []
+    nodes = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and str(n.target) not in modules:
+            modules[str(n.target)] = _module_entry(str(n.target), gm.get_submodule(str(n.target)), tensors)
+        if n.op == "get_attr":
+            obj: Any = gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            if not isinstance(obj, torch.Tensor):
+                raise ArtifactError(f"cpu-int8 cannot save attribute '{n.target}' of type {type(obj).__name__}")
+            tensors[f"attr:{n.target}"] = obj.detach().clone()
+            attrs.append(str(n.target))
+        nodes.append({
+            "name": n.name,
+            "op": n.op,
+            "target": _encode_target(n.target) if n.op == "call_function" else str(n.target),
+            "args": _encode_value(n.args),
+            "kwargs": _encode_value(dict(n.kwargs)),
+        })
+    doc = {"format": GRAPH_FORMAT, "engine": engine, "nodes": nodes, "modules": modules, "attrs": attrs,
+           "points": dict(points or {})}
+    (directory / GRAPH_FILE).write_text(json.dumps(doc, indent=1) + "\n")
+    torch.save(tensors, directory / WEIGHTS_FILE)
+    return [GRAPH_FILE, WEIGHTS_FILE]
+
+
+def load_graph(directory: Path, engine: str) -> tuple[GraphModule, dict[str, str]]:
+    """Rebuild a lowered graph saved by :func:`save_graph` (weights repacked for ``engine``)."""
+    gpath, wpath = directory / GRAPH_FILE, directory / WEIGHTS_FILE
+    for p in (gpath, wpath):
+        if not p.is_file():
+            raise ArtifactError(f"artifact '{directory}' is missing {p.name}")
+    try:
+        doc = json.loads(gpath.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"'{gpath}' is unreadable: {exc}") from None
+    if doc.get("format") != GRAPH_FORMAT:
+        raise ArtifactError(f"'{gpath}' has format {doc.get('format')!r}, expected '{GRAPH_FORMAT}'")
+    silence_quantized_deprecation()
+    try:
+        with warnings.catch_warnings():  # torch's own rebuild of quantized tensors uses TypedStorage
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            tensors = torch.load(wpath, weights_only=True)
+    except Exception as exc:
+        raise ArtifactError(f"'{wpath}' is not a readable tensor file: {type(exc).__name__}: {exc}") from None
+    root: dict[str, Any] = {}
+    with engine_scope(engine):
+        for name, entry in doc["modules"].items():
+            root[name] = _build_module(name, entry, tensors)
+    for target in doc["attrs"]:
+        root[target] = tensors[f"attr:{target}"]
+    graph = Graph()
+    env: dict[str, Node] = {}
+    try:
+        for spec in doc["nodes"]:
+            op = spec["op"]
+            args = _decode_value(spec["args"], env)
+            kwargs = _decode_value(spec["kwargs"], env)
+            if op == "output":
+                graph.output(args[0])
+                continue
+            target = _decode_target(spec["target"]) if op == "call_function" else spec["target"]
+            if op == "call_method" and (not isinstance(target, str) or target.startswith("_")):
+                raise ArtifactError(f"graph.json: method '{target}' is not allowed")
+            env[spec["name"]] = graph.create_node(op, target, tuple(args), kwargs, name=spec["name"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"'{gpath}' is malformed: {type(exc).__name__}: {exc}") from None
+    gm = GraphModule(root, graph, class_name="QuantizedGraphModule")
+    gm.graph.lint()
+    return gm.eval(), {str(k): str(v) for k, v in doc.get("points", {}).items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Artifact and backend
+
+
+class QuantizedArtifact(Artifact):
+    """A graph of quantized CPU kernels (in memory or loaded from graph.json + weights.pt)."""
+
+    def __init__(self, gm: GraphModule, target: TargetSpec | str, input_specs: list[InputSpec], engine: str,
+                 stats: dict[str, Any] | None = None) -> None:
+        self.graph_module = gm
+        self.target = target if isinstance(target, str) else target.name
+        self.precision = "int8"
+        self.input_specs = input_specs
+        self.engine = engine
+        self.stats = stats or {}
+        #: simulated quantizer node -> lowered node computing the same quantized value
+        self.points: dict[str, str] = dict(self.stats.get("points", {}))
+
+    def run(self, *inputs: torch.Tensor) -> Any:
+        if torch.backends.quantized.engine != self.engine:
+            torch.backends.quantized.engine = self.engine
+        with torch.inference_mode():
+            return self.graph_module(*inputs)
+
+    def save_files(self, directory: Path) -> dict[str, Any]:
+        files = save_graph(self.graph_module, directory, self.engine, self.points)
+        return {"backend": "torch-quantized-cpu", "engine": self.engine, "files": files}
+
+
+class CpuInt8Backend:
+    name = "torch-quantized-cpu"
+
+    def unavailable_reason(self) -> str | None:
+        supported = torch.backends.quantized.supported_engines
+        if not any(e in supported for e in ENGINES):
+            return f"this torch build has no x86/fbgemm/onednn quantized engine (has {', '.join(supported)})"
+        return None
+
+    def lower(self, program: Program, target: TargetSpec) -> Artifact:
+        options = program.meta.get("backend_options") or {}
+        unknown = set(options) - {"engine"}
+        if unknown:
+            raise UsageError(f"cpu-int8: unknown backend option(s) {choices(unknown)}; valid: 'engine'")
+        engine = options.get("engine") or default_engine()
+        gm, stats = lower_quantized(program, engine=engine)
+        return QuantizedArtifact(gm, target, program.input_specs, engine, stats)
+
+    def load(self, directory: Path, manifest: dict[str, Any], target: TargetSpec) -> Artifact:
+        engine = manifest.get("engine") or default_engine()
+        gm, points = load_graph(directory, engine)
+        specs = [InputSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"])) for i in manifest["inputs"]]
+        return QuantizedArtifact(gm, target, specs, engine, {"points": points})
+
+
+BACKEND = CpuInt8Backend()
+
+cpu_int8 = register_target(
+    "cpu-int8",
+    backend=BACKEND,
+    precision="int8",
+    pipeline="fuse-conv-bn-relu,insert-quant-stubs{activations=u8},dce",
+    doc="int8 on the CPU: PyTorch quantized kernels (x86/fbgemm/oneDNN), packed weights; graph.json + weights.pt",
+)

@@ -1,0 +1,257 @@
+"""cpu-int8: lowering to quantized CPU kernels, its error against the simulated program,
+and the artifact's save/load round trip."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+import torch.fx
+from torch import nn
+
+from graphopt import zoo
+from graphopt.errors import ArtifactError, UsageError
+from graphopt.pipeline import PassManager, parse_pipeline
+from graphopt.program import Program
+from graphopt.quant import check_lowering, check_lowering_local, lowering_error, quantization_error
+
+QUANTIZED_LAYERS = (nnq.Conv2d, nnq.Linear, nniq.ConvReLU2d, nniq.LinearReLU)
+
+
+@pytest.fixture(scope="module")
+def host():
+    from graphopt.plugins import PluginHost
+
+    h = PluginHost()
+    h.load_entry_points()
+    h.load("graphopt.passes.insert_quant_stubs")
+    h.load("graphopt.backends.cpu_int8")
+    return h
+
+
+def compile_zoo(host, name: str, *, pipeline: str | None = None, engine: str | None = None, size: int = 48):
+    """(fp32 model, simulated program, artifact, evaluation samples) at a small input size."""
+    model = zoo.build(name)
+    full = zoo.get(name).input_shape
+    shape = full if name == "digits_cnn" else (1, 3, size, size)
+    batch = 8 if name == "digits_cnn" else 2
+    g = torch.Generator().manual_seed(0)
+    program = Program(torch.fx.symbolic_trace(model), (torch.randn(shape, generator=g),))
+    program.propagate_shapes()
+    program.calibration = [(torch.randn((batch, *shape[1:]), generator=g),) for _ in range(3)]
+    if engine:
+        program.meta["backend_options"] = {"engine": engine}
+    spec = host.targets.get("cpu-int8")
+    PassManager(parse_pipeline(pipeline or spec.pipeline, host.passes)).run(program)
+    artifact = spec.backend.lower(program, spec)
+    samples = [(torch.randn(shape, generator=g),) for _ in range(2)]
+    return model, program, artifact, samples
+
+
+@pytest.fixture(scope="module")
+def compiled(host):
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = compile_zoo(host, name)
+        return cache[name]
+
+    return get
+
+
+def test_target_is_registered(host):
+    spec = host.targets.get("cpu-int8")
+    assert spec.precision == "int8"
+    assert spec.pipeline == "fuse-conv-bn-relu,insert-quant-stubs{activations=u8},dce"
+    assert str(parse_pipeline(spec.pipeline, host.passes)) == spec.pipeline
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_every_op_lowers_within_two_steps(compiled, name):
+    """Each quantized op of the lowering, fed the lowering's own inputs, is within 2 of its
+    output steps of the simulated op (in practice <= 1: ties round differently)."""
+    _, program, artifact, samples = compiled(name)
+    check = check_lowering_local(program, artifact.graph_module, artifact.points, samples[:1])
+    assert check.ok, check.violations
+    assert len(check.errors) == len(program.meta["quant"]["activations"])
+    assert max(check.errors.values()) <= 1.01
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_end_to_end_lowering_error_is_far_below_quantization_error(compiled, name):
+    """End to end, single-step rounding differences compound through depth (a chaotic
+    deep net turns ties into a few output steps), but the lowering stays much closer to
+    the simulation than the simulation is to fp32 (in noise power: 7-25 dB here, asserted
+    >= 5 dB)."""
+    model, program, artifact, samples = compiled(name)
+    low = lowering_error(program.run, artifact.run, samples).metrics
+    quant = quantization_error(model, program.run, samples).metrics
+    assert low.sqnr_db >= quant.sqnr_db + 5, (low, quant)
+    assert low.cosine > 0.997
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "se_resnet"])
+def test_shallow_models_are_within_two_output_steps_end_to_end(compiled, name):
+    _, program, artifact, samples = compiled(name)
+    check = check_lowering(program, artifact.run, samples)
+    assert check.ok, check.violations
+    assert check.bounds[0] == pytest.approx(2 * program.meta["quant"]["output_scales"][0])
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_lowered_graph_uses_quantized_kernels(compiled, name):
+    _, program, artifact, _ = compiled(name)
+    gm = artifact.graph_module
+    float_layers = [n for n, m in gm.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    assert not float_layers
+    n_quantized = sum(isinstance(m, QUANTIZED_LAYERS) for m in gm.modules())
+    assert n_quantized == len(program.meta["quant"]["weights"])
+    quantize = [n for n in gm.graph.nodes if n.target is torch.quantize_per_tensor]
+    dequantize = [n for n in gm.graph.nodes if n.target is torch.dequantize]
+    assert artifact.stats["quantize"] == len(quantize) and artifact.stats["dequantize"] == len(dequantize)
+    if name != "se_resnet":  # one region: quantize at entry, dequantize at exit, nothing between
+        assert len(quantize) == 1 and len(dequantize) == 1
+
+
+def test_resnet_graph_shape(compiled):
+    _, _, artifact, _ = compiled("resnet18")
+    gm = artifact.graph_module
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.quantized.add_relu) == 8  # residual add + relu, fused
+    assert sum(isinstance(m, nniq.ConvReLU2d) for m in gm.modules()) == 9
+    assert isinstance(gm.get_submodule("fc"), nnq.Linear)
+
+
+def test_se_resnet_islands_and_mobilenet_relu6(compiled):
+    _, _, artifact, _ = compiled("se_resnet")
+    gm = artifact.graph_module
+    sigmoid = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Sigmoid)]
+    assert sigmoid and all(n.args[0].target is torch.dequantize for n in sigmoid)  # fp32 island
+    assert torch.ops.quantized.mul in [n.target for n in gm.graph.nodes]
+    _, _, artifact, _ = compiled("mobilenet_v2")
+    assert not any(isinstance(m, nn.ReLU6) for m in artifact.graph_module.modules())  # absorbed into ConvReLU2d
+
+
+def test_skipped_layer_is_an_fp32_island(host):
+    model, program, artifact, samples = compile_zoo(host, "resnet18", pipeline="fuse-conv-bn-relu,insert-quant-stubs{skip=[fc]},dce")
+    gm = artifact.graph_module
+    assert type(gm.get_submodule("fc")) is nn.Linear
+    (fc,) = [n for n in gm.graph.nodes if n.target == "fc"]
+    assert fc.args[0].target is torch.dequantize
+    assert check_lowering_local(program, gm, artifact.points, samples[:1]).ok
+    assert program.meta["quant"]["output_scales"] == [None]  # no quantizer right before the output
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
+def test_artifact_round_trip_in_a_fresh_process(compiled, tmp_path):
+    _, program, artifact, samples = compiled("resnet18")
+    artifact.save(tmp_path / "art")
+    manifest = json.loads((tmp_path / "art" / "artifact.json").read_text())
+    assert manifest["target"] == "cpu-int8" and manifest["precision"] == "int8" and manifest["engine"] == artifact.engine
+    # the weights are plain tensors: they load without unpickling code
+    tensors = torch.load(tmp_path / "art" / "weights.pt", weights_only=True)
+    assert tensors["fc.weight"].dtype == torch.qint8 and tensors["fc.weight"].qscheme() == torch.per_channel_affine
+    torch.save({"x": samples[0][0], "y": artifact.run(*samples[0])}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from graphopt.compiler import load_artifact
+        from graphopt.plugins import PluginHost
+        h = PluginHost(); h.load_entry_points(); h.load("graphopt.backends.cpu_int8")
+        art = load_artifact({str(tmp_path / 'art')!r}, host=h)
+        io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
+        assert torch.equal(art.run(io["x"]), io["y"]), "outputs differ"
+        print("ok", type(art).__name__)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ok QuantizedArtifact" in out.stdout
+
+
+def test_loaded_artifact_keeps_the_lowering_points(host, compiled, tmp_path):
+    from graphopt.compiler import load_artifact
+
+    _, program, artifact, samples = compiled("mobilenet_v2")
+    artifact.save(tmp_path)
+    loaded = load_artifact(tmp_path, host=host)
+    assert loaded.points == artifact.points
+    for s in samples:
+        assert torch.equal(loaded.run(*s), artifact.run(*s))
+    assert check_lowering_local(program, loaded.graph_module, loaded.points, samples[:1]).ok
+
+
+def test_int8_artifact_is_small(compiled, tmp_path):
+    model, _, artifact, _ = compiled("resnet18")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    artifact.save(tmp_path)
+    size = sum(f.stat().st_size for f in tmp_path.iterdir() if f.name != "artifact.json")
+    assert size <= 0.30 * buf.tell(), (size, buf.tell())
+
+
+@pytest.mark.parametrize("engine", ["x86", "fbgemm", "onednn"])
+def test_engines(host, engine):
+    if engine not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"{engine} not in this torch build")
+    _, program, artifact, samples = compile_zoo(host, "digits_cnn", engine=engine)
+    assert artifact.engine == engine
+    assert check_lowering(program, artifact.run, samples).ok
+    assert check_lowering_local(program, artifact.graph_module, artifact.points, samples[:1]).ok
+
+
+def test_depthwise_convs_are_packed_for_onednn(compiled):
+    """fbgemm's depthwise kernel saturates 16-bit pair sums with full-range u8 inputs."""
+    _, _, artifact, _ = compiled("mobilenet_v2")
+    depthwise = [m for m in artifact.graph_module.modules() if isinstance(m, nnq.Conv2d) and m.groups > 1]
+    assert depthwise and all(m.pack_engine == "onednn" for m in depthwise)
+
+
+def test_s8_program_is_rederived_for_the_cpu(host):
+    _, program, artifact, samples = compile_zoo(host, "digits_cnn", pipeline="fuse-conv-bn-relu,insert-quant-stubs{activations=s8}")
+    assert program.meta["quant"]["config"]["activations"] == "u8"
+    assert any("re-derived" in r for r in artifact.stats["rederived"])
+    assert check_lowering(program, artifact.run, samples).ok
+
+
+def test_cpus_without_vnni_get_7_bit_activations(host, monkeypatch):
+    """Without VNNI, fbgemm sums u8*s8 pairs in 16 bits: activations are re-derived 7-bit."""
+    import graphopt.backends.cpu_int8 as backend
+
+    monkeypatch.setattr(backend, "cpu_has_vnni", lambda: False)
+    _, program, artifact, samples = compile_zoo(host, "digits_cnn", engine="fbgemm")
+    assert program.meta["quant"]["config"]["reduce_range"] is True
+    assert all(e["quant_max"] == 127 for e in program.meta["quant"]["activations"].values())
+    assert check_lowering_local(program, artifact.graph_module, artifact.points, samples[:1]).ok
+
+
+def test_errors(host, tmp_path):
+    spec = host.targets.get("cpu-int8")
+    plain = Program(torch.fx.symbolic_trace(zoo.build("digits_cnn")), (torch.randn(1, 1, 8, 8),))
+    with pytest.raises(UsageError, match="put insert-quant-stubs in the pipeline"):
+        spec.backend.lower(plain, spec)
+    _, program, artifact, _ = compile_zoo(host, "digits_cnn")
+    program.meta["backend_options"] = {"engine": "avx9000"}
+    with pytest.raises(UsageError, match="unknown quantized engine 'avx9000'"):
+        spec.backend.lower(program, spec)
+    program.meta["backend_options"] = {"threads": 4}
+    with pytest.raises(UsageError, match="unknown backend option"):
+        spec.backend.lower(program, spec)
+
+    from graphopt.compiler import load_artifact
+
+    artifact.save(tmp_path)
+    doc = json.loads((tmp_path / "graph.json").read_text())
+    doc["nodes"][1]["target"] = "os.system"
+    (tmp_path / "graph.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match="'os.system', which is not allowed"):
+        load_artifact(tmp_path, host=host)
+    (tmp_path / "weights.pt").unlink()
+    with pytest.raises(ArtifactError, match="missing weights.pt"):
+        load_artifact(tmp_path, host=host)
