@@ -46,13 +46,19 @@ def _tolerance_options(fn: Any) -> Any:
     return fn
 
 
-def _tolerance(precision: str, kw: dict[str, Any]) -> Any:
+def _tolerance(precision: str, kw: dict[str, Any], *, none_if_default: bool = False) -> Any:
+    """The precision's default tolerance with the flags' overrides (None: no flag given, if asked)."""
     from graphopt.verify import default_tolerance
 
-    return default_tolerance(precision).with_overrides(
-        max_abs_err=kw.pop("max_abs_err"), max_rel_err=kw.pop("max_rel_err"), min_cosine=kw.pop("min_cosine"),
-        min_sqnr_db=kw.pop("min_sqnr_db"), min_top1=kw.pop("min_top1"),
-    )
+    overrides = {k: kw.pop(k) for k in ("max_abs_err", "max_rel_err", "min_cosine", "min_sqnr_db", "min_top1")}
+    if none_if_default and all(v is None for v in overrides.values()):
+        return None
+    return default_tolerance(precision).with_overrides(**overrides)
+
+
+def _names(values: Sequence[str]) -> list[str]:
+    """Repeatable, comma-separated option values, flattened."""
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
 class _Stages:
@@ -91,9 +97,22 @@ def cli(debug: bool) -> None:
 @click.option("--verify-each", is_flag=True, help="Check every pass against its numerical contract.")
 @click.option("--print-ir-after", multiple=True, metavar="PASS|all", help="Print the graph after a pass (repeatable).")
 @click.option("--plugin", "plugins", multiple=True, metavar="FILE_OR_MODULE", help="Load passes/targets from a plugin.")
-@click.option("--calib-data", type=click.Path(path_type=Path), help="Inputs (.npz/.npy) for verification.")
+@click.option("--calib-data", metavar="FILE|DIR|PKG:FN",
+              help="Real inputs: a .npy/.npz file, a folder of images or pkg.module:function yielding batches. "
+                   "The first --calib-samples calibrate int8 and feed --recover-steps; verification uses the next ones.")
+@click.option("--calib-samples", default=32, show_default=True, type=click.IntRange(min=1), help="Calibration samples (batches).")
+@click.option("--calib-size", metavar="HxW", help="Resize images from a --calib-data folder to this size [default: the input's].")
+@click.option("--calib-normalize", type=click.Choice(["none", "imagenet", "unit"]), default="none", show_default=True,
+              help="Normalization of images from a --calib-data folder (pixels in [0,1] first).")
+@click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="NAMES|auto",
+              help="Layers (module path or node name, comma-separated) to keep in fp32 in an int8 target; "
+                   "'auto' keeps the most sensitive ones until the tolerance is met.")
+@click.option("--engine", type=click.Choice(["x86", "fbgemm", "onednn"]), help="cpu-int8 kernel engine [default: the fastest here].")
+@click.option("--recover-steps", default=0, show_default=True, type=int,
+              help="Distillation steps against the original after the passes (before quantization).")
+@click.option("--recover-lr", default=1e-3, show_default=True, type=float, help="Peak learning rate for --recover-steps.")
 @click.option("--verify-samples", default=8, show_default=True, type=click.IntRange(min=1), help="Number of verification inputs.")
-@click.option("--seed", default=0, show_default=True, help="Seed for random verification inputs.")
+@click.option("--seed", default=0, show_default=True, help="Seed for random inputs.")
 @click.option("--weights", type=click.Path(path_type=Path), help="A state_dict file to load into the model a factory builds.")
 @click.option("--trust-pickle", is_flag=True, help="Allow unpickling a .pt that holds a whole nn.Module (runs code from the file).")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
@@ -102,8 +121,9 @@ def cli(debug: bool) -> None:
 @_tolerance_options
 def compile_cmd(source: str | None, model_opt: str | None, target: str, output: Path | None, force: bool,
                 input_shapes: tuple[str, ...], pipeline: str | None, verify_each: bool,
-                print_ir_after: tuple[str, ...], plugins: tuple[str, ...], calib_data: Path | None,
-                verify_samples: int, seed: int, weights: Path | None, trust_pickle: bool, no_latency: bool,
+                print_ir_after: tuple[str, ...], plugins: tuple[str, ...], calib_data: str | None,
+                calib_samples: int, calib_size: str | None, calib_normalize: str, keep_fp32: tuple[str, ...],
+                engine: str | None, recover_steps: int, recover_lr: float, verify_samples: int, seed: int, weights: Path | None, trust_pickle: bool, no_latency: bool,
                 as_json: bool, quiet: bool, **tol: Any) -> None:
     """Compile SOURCE (zoo:NAME, pkg.module:factory, model.pt2, model.pt) for a target."""
     from graphopt.compiler import compile as do_compile, default_output_dir, host_with
@@ -115,13 +135,18 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, output: 
     if not source:
         raise UsageError("missing SOURCE: zoo:NAME, pkg.module:factory, model.pt2 or model.pt (see graphopt compile --help)")
     spec = host_with(plugins).targets.get(target)
-    tolerance = _tolerance(spec.precision, tol)
+    if engine and spec.backend.name != "torch-quantized-cpu":
+        raise UsageError(f"--engine applies to the cpu-int8 target, not '{target}'")
+    tolerance = _tolerance(spec.precision, tol, none_if_default=True)
     out = output or default_output_dir(source, target)
     stages = _Stages(quiet or as_json)
     try:
         result = do_compile(
             source, target=target, input_shapes=_shapes(input_shapes), pipeline=pipeline, output=out, force=force,
-            verify_each=verify_each, data=calib_data, verify_samples=verify_samples, seed=seed, tolerance=tolerance,
+            verify_each=verify_each, data=calib_data, verify_samples=verify_samples, calib_samples=calib_samples,
+            calib_size=calib_size, calib_normalize=calib_normalize, keep_fp32=_names(keep_fp32),
+            backend_options={"engine": engine} if engine else None, recover_steps=recover_steps, recover_lr=recover_lr,
+            seed=seed, tolerance=tolerance,
             plugins=plugins, weights=weights, trust_pickle=trust_pickle, print_ir_after=print_ir_after,
             measure=not no_latency, on_stage=stages,
         )

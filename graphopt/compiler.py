@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import torch
 
-from graphopt.data import Sample, samples_for
+from graphopt.data import Sample
 from graphopt.errors import UsageError, VerificationError, choices
 from graphopt.pipeline import Instrument, PassInvocation, PassManager, PassRecord, parse_pipeline
 from graphopt.plugins import PluginHost, default_host
@@ -130,6 +130,65 @@ def default_output_dir(source: Any, target: str) -> Path:
     return Path(f"{name}.{target}")
 
 
+QUANT_PASS = "insert-quant-stubs"
+
+
+class Recovery:
+    """Instrument: the distillation fine-tune (``--recover-steps``), run once, before quantization.
+
+    It runs just before ``insert-quant-stubs`` when the pipeline has it, else after the
+    last pass (:meth:`finish`), so int8 calibration always sees the recovered weights.
+    """
+
+    def __init__(self, teacher: Callable[..., Any], samples: Sequence[Sample], steps: int, lr: float,
+                 progress: Callable[[int, int, float], None] | None = None) -> None:
+        self.teacher, self.samples, self.steps, self.lr, self.progress = teacher, list(samples), steps, lr, progress
+        self.result: Any = None
+
+    def _run(self, program: Program) -> None:
+        from graphopt.recover import recover
+
+        if self.result is None:
+            self.result = recover(program, self.teacher, self.samples, steps=self.steps, lr=self.lr, progress=self.progress)
+
+    def before_pass(self, inv: PassInvocation, program: Program) -> None:
+        if inv.name == QUANT_PASS:
+            self._run(program)
+
+    def finish(self, program: Program) -> None:
+        self._run(program)
+
+
+def _split_data(source: str | Path | None, specs: Sequence[Any], *, calib_n: int, verify_n: int, seed: int,
+                image_size: str | None, normalize: str, needs_calibration: bool) -> tuple[Any, list[Sample], str | None]:
+    """Calibration data and verification inputs from one ``--calib-data`` source.
+
+    Verification uses the samples after the first ``calib_n`` when the source has enough
+    (held out from calibration); else the first ``verify_n`` (the report says they overlap).
+    Without a source: random calibration (with its warning) and random verification inputs.
+    """
+    from graphopt.data import calibration_samples, random_samples
+
+    if source is None:
+        cal = calibration_samples(specs, source=None, n=calib_n, seed=seed) if needs_calibration else None
+        return cal, random_samples(specs, verify_n, seed + 1 if needs_calibration else seed), None
+    everything = calibration_samples(specs, source=source, n=0, image_size=image_size, normalize=normalize)
+    samples = everything.samples
+    if not samples:
+        from graphopt.errors import DataError
+
+        raise DataError(f"--calib-data '{source}' holds no samples")
+    cal = type(everything)(samples[:calib_n], f"{everything.source.rsplit(',', 1)[0]}, {min(calib_n, len(samples))} samples")
+    if not needs_calibration:
+        return None, samples[:verify_n], None
+    held_out = samples[calib_n:calib_n + verify_n]
+    if len(held_out) >= min(verify_n, 2):
+        return cal, held_out, None
+    note = (f"verification inputs overlap the calibration inputs (--calib-data has {len(samples)} samples, "
+            f"{calib_n} used for calibration): accuracy on unseen data is not shown")
+    return cal, samples[:verify_n], note
+
+
 def compile(
     source: Any,
     *,
@@ -142,6 +201,13 @@ def compile(
     verify_each: bool = False,
     data: str | Path | None = None,
     verify_samples: int = 8,
+    calib_samples: int = 32,
+    calib_size: str | None = None,
+    calib_normalize: str = "none",
+    keep_fp32: Sequence[str] = (),
+    backend_options: dict[str, Any] | None = None,
+    recover_steps: int = 0,
+    recover_lr: float = 1e-3,
     seed: int = 0,
     tolerance: Tolerance | None = None,
     plugins: Sequence[str] = (),
@@ -154,6 +220,14 @@ def compile(
     on_stage: Callable[[str], None] | None = None,
 ) -> CompileResult:
     """Compile ``source`` (an nn.Module, ``zoo:NAME``, ``pkg.mod:fn``, ``.pt2``, ``.pt``) for ``target``.
+
+    ``data`` (``--calib-data``) is a ``.npy``/``.npz`` file, a folder of images or
+    ``pkg.module:function``: the first ``calib_samples`` calibrate int8 passes and feed
+    ``recover_steps`` of distillation; verification uses the next ``verify_samples``.
+    ``tolerance`` replaces the target precision's default; when it is None and the
+    pipeline has approximate structural passes (pruning, substitution), the end-to-end
+    error is reported with a warning rather than enforced, while the lowering (artifact
+    vs the optimized program) is always held to its bound.
 
     Raises a :class:`~graphopt.errors.GraphoptError` subclass on bad input, a failed
     pass or failed verification; nothing is written in that case.
@@ -168,22 +242,51 @@ def compile(
     for name in print_ir_after:
         if name != "all" and name not in pipe.names():
             raise UsageError(f"--print-ir-after '{name}': not in the pipeline; choose from {choices([*pipe.names(), 'all'])}")
+    quant_invs = [inv for inv in pipe if inv.name == QUANT_PASS]
+    if keep_fp32:
+        if not quant_invs:
+            raise UsageError(f"--keep-fp32 needs a pipeline with '{QUANT_PASS}' (an int8 target); this one is: {pipe}")
+        for inv in quant_invs:
+            inv.options["keep_fp32"] = [*inv.options.get("keep_fp32", []), *keep_fp32]
+    if recover_steps < 0:
+        raise UsageError(f"--recover-steps must be >= 0, got {recover_steps}")
+    if not recover_lr > 0:
+        raise UsageError(f"--recover-lr must be > 0, got {recover_lr}")
+    if calib_samples < 1:
+        raise UsageError(f"--calib-samples must be >= 1, got {calib_samples}")
+    explicit_tolerance = tolerance is not None
     tol = tolerance or default_tolerance(spec.precision)
+    if "auto" in keep_fp32 and tol.min_cosine is not None:
+        for inv in quant_invs:
+            inv.options.setdefault("keep_fp32_cosine", tol.min_cosine)
     out_dir = Path(output) if output is not None else None
     if out_dir is not None and out_dir.exists() and not force:
         raise UsageError(f"output folder '{out_dir}' already exists; pass --force to replace it")
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output '{out_dir}' exists and is not a folder")
-    if data is not None and not Path(data).exists():
-        raise UsageError(f"--calib-data '{data}' does not exist")
+    if data is not None and not Path(data).exists() and not (":" in str(data) and not Path(str(data)).suffix):
+        raise UsageError(f"--calib-data '{data}' does not exist (give a .npy/.npz file, a folder of images or pkg.module:function)")
 
     stage("capturing")
     program = capture(source, input_shapes=input_shapes, example_inputs=example_inputs, weights=weights, trust_pickle=trust_pickle)
     original = program.clone()
-    samples = samples_for(program.input_specs, n=verify_samples, seed=seed, path=data)
+    needs_calibration = bool(quant_invs) or recover_steps > 0
+    stage("loading data")
+    cal, samples, overlap_note = _split_data(data, program.input_specs, calib_n=calib_samples, verify_n=verify_samples,
+                                             seed=seed, image_size=calib_size, normalize=calib_normalize,
+                                             needs_calibration=needs_calibration)
+    if cal is not None:
+        program.calibration = list(cal.samples)
+        program.meta["calibration_progress"] = lambda done, total: stage(f"calibrating {done}/{total}")
     references = run_all(original.run, samples)
 
-    all_instruments: list[Instrument] = list(instruments)
+    all_instruments: list[Instrument] = []
+    recovery: Recovery | None = None
+    if recover_steps > 0:
+        recovery = Recovery(original.run, program.calibration, recover_steps, recover_lr,
+                            lambda done, total, loss: stage(f"recovering {done}/{total} (loss {loss:.4g})"))
+        all_instruments.append(recovery)
+    all_instruments += list(instruments)
     if verify_each:
         all_instruments.append(VerifyEach(samples[:2], default_tolerance("fp32")))
     if print_ir_after:
@@ -192,10 +295,25 @@ def compile(
         all_instruments.append(PrintIR(print_ir_after, ir_stream or sys.stderr))
     stage("running passes")
     records = PassManager(pipe, all_instruments).run(program)
+    if recovery is not None:
+        recovery.finish(program)
+    program.meta.pop("calibration_progress", None)
 
+    if backend_options:
+        program.meta["backend_options"] = dict(backend_options)
     stage(f"lowering to {spec.name}")
     artifact = spec.backend.lower(program, spec)
     report = Report(source=program.meta.get("source", str(source)), target=spec.name, pipeline=str(pipe), passes=records)
+    if cal is not None:
+        report.extra["calibration"] = {"source": cal.source, "samples": len(cal.samples)}
+        if cal.warning:
+            report.warnings.append(cal.warning)
+    if overlap_note:
+        report.warnings.append(overlap_note)
+    if recovery is not None and recovery.result is not None:
+        report.extra["recovery"] = recovery.result.to_json()
+    if "quant" in program.meta:
+        report.extra["quantization"] = program.meta["quant"]
 
     staging: Path | None = None
     try:
@@ -207,9 +325,7 @@ def compile(
             artifact = load_artifact(staging, host=host)
 
         stage("verifying")
-        comparison = compare(references, run_all(artifact.run, samples))
-        violations = tol.violations(comparison.metrics)
-        report.verification = Verification(not violations, comparison.metrics, tol, len(samples), violations, comparison)
+        violations = _verify(report, original, program, artifact, samples, references, spec, tol, explicit_tolerance, records)
 
         from graphopt.cost import count_macs
 
@@ -220,11 +336,7 @@ def compile(
             "compiled": _dir_bytes(staging) if staging is not None else _state_bytes(program.graph_module),
         }
         if violations:
-            raise VerificationError(
-                f"verification failed for {spec.name}: {'; '.join(violations)} (over {len(samples)} inputs); "
-                "nothing was written",
-                report,
-            )
+            raise VerificationError(f"verification failed for {spec.name}: {violations} (over {len(samples)} inputs); nothing was written", report)
         if measure:
             stage("measuring latency")
             report.latency_ms = {
@@ -249,6 +361,46 @@ def compile(
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     return CompileResult(artifact, report, program, out_dir)
+
+
+def _verify(report: Report, original: Program, program: Program, artifact: Artifact, samples: Sequence[Sample],
+            references: Sequence[Any], spec: TargetSpec, tol: Tolerance, explicit: bool,
+            records: Sequence[PassRecord]) -> str:
+    """Fill ``report.verification`` (artifact vs original) and the lowering check; return what failed."""
+    outputs = run_all(artifact.run, samples)
+    comparison = compare(references, outputs)
+    end_to_end = tol.violations(comparison.metrics)
+    report.verification = Verification(not end_to_end, comparison.metrics, tol, len(samples), end_to_end, comparison)
+    structural = [r.name for r in records if r.contract == "approximate" and r.name != QUANT_PASS and r.changed]
+    failures: list[str] = []
+    if end_to_end and structural and not explicit:
+        # The user asked for a rewrite that changes numerics and gave no bound: report, don't fail.
+        report.verification.passed = True
+        report.warnings.append(
+            f"approximate pass(es) {', '.join(structural)} changed the outputs ({'; '.join(end_to_end)} vs the original); "
+            "give --min-cosine/--max-rel-err/--min-top1 to hold them to a bound"
+        )
+    elif end_to_end:
+        hint = ""
+        if "quant" in program.meta:
+            hint = " (try --keep-fp32 auto or more --calib-data)"
+        failures.append("; ".join(end_to_end) + hint)
+    if "quant" in program.meta:
+        from graphopt.quant import verify_int8
+
+        split = verify_int8(original.run, program, artifact, samples)
+        report.extra["int8_verification"] = split
+        failures += split["violations"]
+    else:
+        lowering = compare(run_all(program.run, samples), outputs)
+        report.extra["lowering_error"] = lowering.metrics.to_json()
+        bad = default_tolerance("fp32").violations(lowering.metrics)
+        if bad:
+            failures.append(f"lowering to {spec.name} changed the optimized program's outputs: {'; '.join(bad)}")
+    if failures:
+        report.verification.passed = False
+        report.verification.violations = list(dict.fromkeys([*report.verification.violations, *failures]))
+    return "; ".join(failures)
 
 
 def load_artifact(directory: str | Path, *, host: PluginHost | None = None) -> Artifact:

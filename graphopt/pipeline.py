@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from graphopt.errors import PassError, PipelineError, PluginError, choices
+from graphopt.errors import GraphoptError, PassError, PipelineError, PluginError, choices
 from graphopt.program import Program
 from graphopt.registry import Registry
 
@@ -495,6 +495,11 @@ class PassManager:
                 result = inv.spec(program, **inv.options)
                 program.recompile()  # graph.lint() + regenerate code
             except PassError:
+                raise
+            except GraphoptError as exc:  # bad options or data: the user's to fix, keep its exit code
+                if inv.name not in exc.message:
+                    exc.message = f"pass '{inv.name}': {exc.message}"
+                    exc.args = (exc.message,)
                 raise
             except Exception as exc:  # the pass's bug, reported with its name
                 raise PassError(inv.name, done, exc) from exc

@@ -113,5 +113,46 @@ class Report:
                     worst.add_row(str(w.sample), str(w.output), "x".join(map(str, w.shape)),
                                   f"{w.metrics.max_abs_err:.3g}", f"{w.metrics.max_rel_err:.3g}", f"{w.metrics.cosine:.6f}")
                 console.print(worst)
+        for line in self.detail_lines():
+            console.print(line)
         for w in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")
+
+    def detail_lines(self) -> list[str]:
+        """One line each for the error split, the layers kept in fp32, calibration and recovery."""
+        lines = []
+        split = self.extra.get("int8_verification")
+        if split:
+            q, lo = split["quantization_error"], split["lowering_error"]
+            local = split.get("lowering_local") or {}
+            worst = max((w[1] for w in local.get("worst", [])), default=None)
+            per_op = f", worst op {worst:g} quantization steps" if worst is not None else ""
+            lines.append(
+                f"  quantization error (simulated int8 vs fp32): cosine {q['cosine']:.6f}, sqnr {q['sqnr_db']:.1f} dB, "
+                f"max_abs_err {q['max_abs_err']:.3g}"
+            )
+            lines.append(
+                f"  lowering error ({self.target} vs simulated int8): max_abs_err {lo['max_abs_err']:.3g}, "
+                f"cosine {lo['cosine']:.6f}{per_op}"
+            )
+        elif "lowering_error" in self.extra:
+            lo = self.extra["lowering_error"]
+            lines.append(f"  lowering error ({self.target} vs optimized program): max_rel_err {lo['max_rel_err']:.3g}")
+        quant = self.extra.get("quantization") or {}
+        kept = quant.get("kept_fp32") or []
+        if kept:
+            why = ", ".join(
+                f"{k['layer']} ({k['reason']}" + (f", sensitivity {k['sensitivity']:.3g})" if "sensitivity" in k else ")")
+                for k in kept
+            )
+            lines.append(f"kept in fp32: {why}")
+        cal = self.extra.get("calibration")
+        if cal:
+            lines.append(f"calibration: {cal['source']}")
+        rec = self.extra.get("recovery")
+        if rec:
+            lines.append(
+                f"recovery: {rec['steps']} distillation steps in {rec['seconds']:.1f} s, "
+                f"loss {rec['first_loss']:.4g} → {rec['last_loss']:.4g}"
+            )
+        return lines
