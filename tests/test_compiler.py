@@ -1,0 +1,113 @@
+"""graphopt.compile() from Python: the report's contract, artifacts on disk, the user's model untouched."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+from graphopt import zoo
+from graphopt.errors import UsageError, VerificationError
+
+REPORT_KEYS = {"source", "target", "pipeline", "passes", "verification", "latency_ms", "size_bytes", "macs"}
+
+
+def _digits_data(path, n=48, seed=0):
+    """Real 8x8 digit images (scikit-learn's bundled set), shaped for the zoo digits CNN."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images.astype("float32") / 16.0
+    rng = np.random.default_rng(seed)
+    rows = images[rng.permutation(len(images))[:n]][:, None]
+    np.save(path, rows)
+    return path
+
+
+def test_compile_a_module_writes_a_loadable_artifact_and_leaves_the_model_alone(tmp_path):
+    model = zoo.build("se_resnet")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(zoo.get("se_resnet").input_shape, generator=torch.Generator().manual_seed(0))
+    result = graphopt.compile(model, target="cpu-fp32", example_inputs=(x,), output=tmp_path / "out", verify_samples=2)
+
+    # The user's module is not modified: same weights, same BatchNorm modules, same mode.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert not model.training
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert set(report["verification"]["metrics"]) == {"max_abs_err", "max_rel_err", "cosine", "sqnr_db", "top1_agreement"}
+    assert report["verification"]["passed"] is True
+    assert {"name", "seconds", "nodes_before", "nodes_after", "changed", "detail"} <= set(report["passes"][0])
+    assert report["macs"]["compiled"] == report["macs"]["original"] > 0  # fusion does not change MACs
+    assert report["latency_ms"]["original"] > 0 and report["latency_ms"]["compiled"] > 0
+
+    artifact = graphopt.load_artifact(tmp_path / "out")
+    with torch.inference_mode():
+        want = model(x)
+    got = artifact.run(x)
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    assert result.output == tmp_path / "out"
+
+
+def test_int8_compile_reports_quantization_and_lowering_error_separately(tmp_path):
+    data = _digits_data(tmp_path / "digits.npy", n=48)
+    result = graphopt.compile("zoo:digits_cnn", target="cpu-int8", data=data, calib_samples=32, verify_samples=16,
+                              output=tmp_path / "out", measure=False)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    split = report["int8_verification"]
+    assert split["lowering_local"]["ok"] and split["violations"] == []
+    # The artifact's error against fp32 is the quantization error plus a lowering error that is much smaller.
+    assert split["lowering_error"]["max_abs_err"] < split["quantization_error"]["max_abs_err"] + 1e-6 or \
+        split["lowering_error"]["cosine"] > split["quantization_error"]["cosine"]
+    assert report["calibration"] == {"source": f"file '{data}', 32 samples", "samples": 32}
+    assert not any("RANDOM DATA" in w for w in report["warnings"])
+    assert not any("overlap" in w for w in report["warnings"])  # 16 held-out samples remained
+    assert report["verification"]["samples"] == 16
+    # graph.json's fixed overhead weighs on a 25k-parameter model; the 30% bound on ResNet-18 is
+    # tested in tests/backends/test_cpu_int8.py.
+    assert report["size_bytes"]["compiled"] <= 0.4 * report["size_bytes"]["original"]
+    assert result.artifact.precision == "int8"
+
+
+def test_int8_without_calibration_data_warns_loudly(tmp_path):
+    result = graphopt.compile("zoo:digits_cnn", target="cpu-int8", calib_samples=4, verify_samples=2, measure=False)
+    assert any("CALIBRATION USED RANDOM DATA" in w for w in result.report.warnings)
+
+
+def test_keep_fp32_auto_keeps_layers_until_the_tolerance_is_met(tmp_path):
+    data = _digits_data(tmp_path / "digits.npy", n=40)
+    tight = graphopt.verify.Tolerance(min_cosine=0.99999)
+    with pytest.raises(VerificationError, match="--keep-fp32 auto"):
+        graphopt.compile("zoo:digits_cnn", target="cpu-int8", data=data, calib_samples=32, verify_samples=8,
+                         tolerance=tight, measure=False)
+    result = graphopt.compile("zoo:digits_cnn", target="cpu-int8", data=data, calib_samples=32, verify_samples=8,
+                              keep_fp32=["auto"], tolerance=graphopt.verify.Tolerance(min_cosine=0.9999), measure=False)
+    kept = result.report.extra["quantization"]["kept_fp32"]
+    assert kept and all(k["reason"] == "auto" and k["sensitivity"] >= 0 for k in kept)
+    auto = result.report.extra["quantization"]["keep_fp32_auto"]
+    assert auto["met"] and auto["after"]["cosine"] >= 0.9999 > auto["before"]["cosine"]
+    assert result.report.verification.passed and result.report.verification.metrics.cosine >= 0.9999
+
+
+def test_keep_fp32_needs_an_int8_pipeline():
+    with pytest.raises(UsageError, match="--keep-fp32 needs a pipeline with 'insert-quant-stubs'"):
+        graphopt.compile("zoo:digits_cnn", target="cpu-fp32", keep_fp32=["features.0.0"])
+
+
+def test_pruning_pipeline_is_reported_not_failed_and_cuts_macs():
+    result = graphopt.compile("zoo:resnet18", target="cpu-fp32", input_shapes=[(1, 3, 64, 64)],
+                              pipeline="fuse-conv-bn-relu,prune-channels{ratio=0.3},dce", verify_samples=2, measure=False)
+    report = result.report
+    assert report.macs["compiled"] < 0.75 * report.macs["original"]
+    assert any("approximate pass(es) prune-channels" in w for w in report.warnings)
+    assert report.extra["lowering_error"]["max_rel_err"] <= 1e-4  # the lowering itself is exact
+    # With an explicit bound the same rewrite fails verification.
+    with pytest.raises(VerificationError):
+        graphopt.compile("zoo:resnet18", target="cpu-fp32", input_shapes=[(1, 3, 64, 64)],
+                         pipeline="fuse-conv-bn-relu,prune-channels{ratio=0.3},dce", verify_samples=2, measure=False,
+                         tolerance=graphopt.verify.Tolerance(min_cosine=0.9999))
