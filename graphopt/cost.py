@@ -32,10 +32,15 @@ def _shape(node: object) -> tuple[int, ...] | None:
 
 
 def _core(module: nn.Module) -> nn.Module:
-    """The conv/linear inside a fused container (ConvReLU2d is a Sequential)."""
-    while isinstance(module, nn.Sequential) and len(module) > 0:
-        module = module[0]
-    return module
+    """The conv/linear inside a fused container (ConvReLU2d is a Sequential) or inside the
+    simulated-int8 wrapper ``graphopt.quant.QuantLayer`` (its ``.base``)."""
+    while True:
+        if isinstance(module, nn.Sequential) and len(module) > 0:
+            module = module[0]
+        elif type(module).__name__ == "QuantLayer" and isinstance(getattr(module, "base", None), nn.Module):
+            module = module.base
+        else:
+            return module
 
 
 def _weight_shape(module: nn.Module) -> tuple[int, ...] | None:
