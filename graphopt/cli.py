@@ -110,7 +110,7 @@ def cli(debug: bool) -> None:
 @click.option("--engine", type=click.Choice(["x86", "fbgemm", "onednn"]), help="cpu-int8 kernel engine [default: the fastest here].")
 @click.option("--recover-steps", default=0, show_default=True, type=int,
               help="Distillation steps against the original after the passes (before quantization).")
-@click.option("--recover-lr", default=1e-3, show_default=True, type=float, help="Peak learning rate for --recover-steps.")
+@click.option("--recover-lr", default=1e-2, show_default=True, type=float, help="Peak learning rate for --recover-steps.")
 @click.option("--verify-samples", default=8, show_default=True, type=click.IntRange(min=1), help="Number of verification inputs.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random inputs.")
 @click.option("--weights", type=click.Path(path_type=Path), help="A state_dict file to load into the model a factory builds.")
@@ -219,6 +219,35 @@ def targets_cmd(plugins: tuple[str, ...], as_json: bool) -> None:
     for r in rows:
         table.add_row(r["name"], r["backend"], r["precision"], r["pipeline"], "yes" if r["available"] else f"no: {r['why_not']}")
     _console().print(table)
+
+
+@cli.command("profile")
+@click.argument("source")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="1x3x224x224", help="Shape of an input; repeat for several inputs.")
+@click.option("--runs", default=10, show_default=True, type=click.IntRange(min=1), help="Timed runs (the median is shown).")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
+@click.option("--top", type=click.IntRange(min=1), help="Show only the N slowest nodes.")
+@click.option("--pipeline", help="Run these passes first (e.g. 'fuse-conv-bn-relu,dce') and profile the result.")
+@click.option("--plugin", "plugins", multiple=True, metavar="FILE_OR_MODULE", help="Load passes from a plugin.")
+@click.option("--weights", type=click.Path(path_type=Path), help="A state_dict file to load into the model a factory builds.")
+@click.option("--trust-pickle", is_flag=True, help="Allow unpickling a .pt that holds a whole nn.Module.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+def profile_cmd(source: str, input_shapes: tuple[str, ...], runs: int, warmup: int, top: int | None, pipeline: str | None,
+                plugins: tuple[str, ...], weights: Path | None, trust_pickle: bool, as_json: bool) -> None:
+    """Per-node latency, MACs and params of SOURCE, slowest first: where the time goes."""
+    from graphopt.capture import capture
+    from graphopt.compiler import host_with
+    from graphopt.pipeline import PassManager, parse_pipeline
+    from graphopt.profile import profile_program
+
+    program = capture(source, input_shapes=_shapes(input_shapes), weights=weights, trust_pickle=trust_pickle)
+    if pipeline:
+        PassManager(parse_pipeline(pipeline, host_with(plugins).passes)).run(program)
+    result = profile_program(program, runs=runs, warmup=warmup)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        result.render(_console(), top=top)
 
 
 @cli.command("verify")

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import torch
 
-from graphopt.data import Sample
+from graphopt.data import Sample, is_callable_source
 from graphopt.errors import UsageError, VerificationError, choices
 from graphopt.pipeline import Instrument, PassInvocation, PassManager, PassRecord, parse_pipeline
 from graphopt.plugins import PluginHost, default_host
@@ -159,6 +159,18 @@ class Recovery:
         self._run(program)
 
 
+class SnapshotBefore:
+    """Instrument: a copy of the program just before the named pass (the fp32 reference of quantization)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.program: Program | None = None
+
+    def before_pass(self, inv: PassInvocation, program: Program) -> None:
+        if inv.name == self.name and self.program is None:
+            self.program = program.clone()
+
+
 def _split_data(source: str | Path | None, specs: Sequence[Any], *, calib_n: int, verify_n: int, seed: int,
                 image_size: str | None, normalize: str, needs_calibration: bool) -> tuple[Any, list[Sample], str | None]:
     """Calibration data and verification inputs from one ``--calib-data`` source.
@@ -207,7 +219,7 @@ def compile(
     keep_fp32: Sequence[str] = (),
     backend_options: dict[str, Any] | None = None,
     recover_steps: int = 0,
-    recover_lr: float = 1e-3,
+    recover_lr: float = 1e-2,
     seed: int = 0,
     tolerance: Tolerance | None = None,
     plugins: Sequence[str] = (),
@@ -264,7 +276,7 @@ def compile(
         raise UsageError(f"output folder '{out_dir}' already exists; pass --force to replace it")
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output '{out_dir}' exists and is not a folder")
-    if data is not None and not Path(data).exists() and not (":" in str(data) and not Path(str(data)).suffix):
+    if data is not None and not Path(data).exists() and not is_callable_source(str(data)):
         raise UsageError(f"--calib-data '{data}' does not exist (give a .npy/.npz file, a folder of images or pkg.module:function)")
 
     stage("capturing")
@@ -286,6 +298,9 @@ def compile(
         recovery = Recovery(original.run, program.calibration, recover_steps, recover_lr,
                             lambda done, total, loss: stage(f"recovering {done}/{total} (loss {loss:.4g})"))
         all_instruments.append(recovery)
+    before_quant = SnapshotBefore(QUANT_PASS)
+    if quant_invs:
+        all_instruments.append(before_quant)
     all_instruments += list(instruments)
     if verify_each:
         all_instruments.append(VerifyEach(samples[:2], default_tolerance("fp32")))
@@ -325,7 +340,9 @@ def compile(
             artifact = load_artifact(staging, host=host)
 
         stage("verifying")
-        violations = _verify(report, original, program, artifact, samples, references, spec, tol, explicit_tolerance, records)
+        fp32_reference = before_quant.program or original
+        violations = _verify(report, fp32_reference, program, artifact, samples, references, spec, tol,
+                             explicit_tolerance, records)
 
         from graphopt.cost import count_macs
 
@@ -363,10 +380,15 @@ def compile(
     return CompileResult(artifact, report, program, out_dir)
 
 
-def _verify(report: Report, original: Program, program: Program, artifact: Artifact, samples: Sequence[Sample],
-            references: Sequence[Any], spec: TargetSpec, tol: Tolerance, explicit: bool,
+def _verify(report: Report, fp32_reference: Program, program: Program, artifact: Artifact,
+            samples: Sequence[Sample], references: Sequence[Any], spec: TargetSpec, tol: Tolerance, explicit: bool,
             records: Sequence[PassRecord]) -> str:
-    """Fill ``report.verification`` (artifact vs original) and the lowering check; return what failed."""
+    """Fill ``report.verification`` (artifact vs original) and the lowering check; return what failed.
+
+    ``fp32_reference`` is the program just before quantization (the original when no
+    rewrite precedes it): the quantization error is measured against it, so pruning's
+    error is not blamed on int8.
+    """
     outputs = run_all(artifact.run, samples)
     comparison = compare(references, outputs)
     end_to_end = tol.violations(comparison.metrics)
@@ -388,7 +410,7 @@ def _verify(report: Report, original: Program, program: Program, artifact: Artif
     if "quant" in program.meta:
         from graphopt.quant import verify_int8
 
-        split = verify_int8(original.run, program, artifact, samples)
+        split = verify_int8(fp32_reference.run, program, artifact, samples)
         report.extra["int8_verification"] = split
         failures += split["violations"]
     else:

@@ -18,6 +18,7 @@ Every array is checked: shape, a floating dtype, finite values, at least one sam
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "calibration_samples",
     "load_image_folder",
     "load_callable",
+    "is_callable_source",
     "NORMALIZATIONS",
     "RANDOM_CALIBRATION_WARNING",
 ]
@@ -282,6 +284,11 @@ def load_callable(target: str, specs: Sequence[InputSpec]) -> list[Sample]:
     return [tuple(g[i] for g in grouped) for i in range(n)]
 
 
+def is_callable_source(text: str) -> bool:
+    """``pkg.module:function`` (and not a file name such as ``C:data.npy``)."""
+    return re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text) is not None and not Path(text).exists()
+
+
 def calibration_samples(
     specs: Sequence[InputSpec],
     *,
@@ -311,7 +318,7 @@ def calibration_samples(
     elif path.exists() or path.suffix.lower() in (".npy", ".npz"):
         samples = load_samples(path, specs)
         kind = "file"
-    elif ":" in text and not path.suffix:
+    elif is_callable_source(text):
         samples = load_callable(text, specs)
         kind = "callable"
     else:

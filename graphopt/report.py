@@ -128,7 +128,7 @@ class Report:
             worst = max((w[1] for w in local.get("worst", [])), default=None)
             per_op = f", worst op {worst:g} quantization steps" if worst is not None else ""
             lines.append(
-                f"  quantization error (simulated int8 vs fp32): cosine {q['cosine']:.6f}, sqnr {q['sqnr_db']:.1f} dB, "
+                f"  quantization error (simulated int8 vs the fp32 program before it): cosine {q['cosine']:.6f}, sqnr {q['sqnr_db']:.1f} dB, "
                 f"max_abs_err {q['max_abs_err']:.3g}"
             )
             lines.append(

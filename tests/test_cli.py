@@ -117,6 +117,23 @@ def assert_fails(result, code: int, *phrases: str) -> str:
         (None, ["compile", "mymodels:branchy", "--input-shape", "1x3x16x16"], ["mymodels.py:", "if x.sum() > 0", "torch.export"]),
         (None, ["compile", "mymodels:nothere", "--input-shape", "1x3x16x16"], ["nothere"]),
         (None, ["compile", "zoo:digits_cnn", "--print-ir-after", "fold"], ["--print-ir-after 'fold'", "'dce'"]),
+        # int8 calibration data and mixed precision
+        ("calib", ["compile", "zoo:digits_cnn", "-t", "cpu-int8", "--calib-data", "shape.npy"], ["shape.npy", "(10, 1, 7, 7)", "(1, 1, 8, 8)"]),
+        ("calib", ["compile", "zoo:digits_cnn", "-t", "cpu-int8", "--calib-data", "ints.npy"], ["ints.npy", "int64", "float"]),
+        ("calib", ["compile", "zoo:digits_cnn", "-t", "cpu-int8", "--calib-data", "empty.npy"], ["empty.npy", "no samples"]),
+        ("calib", ["compile", "zoo:digits_cnn", "-t", "cpu-int8", "--calib-data", "nan.npy"], ["nan.npy", "NaN"]),
+        ("calib", ["compile", "zoo:digits_cnn", "-t", "cpu-int8", "--calib-data", "emptydir"], ["emptydir", "holds no images"]),
+        (None, ["compile", "zoo:digits_cnn", "-t", "cpu-int8", "--keep-fp32", "features.99"], ["keep-fp32", "'features.99'", "'features.0.0'"]),
+        (None, ["compile", "zoo:digits_cnn", "--keep-fp32", "auto"], ["--keep-fp32", "insert-quant-stubs"]),
+        (None, ["compile", "zoo:digits_cnn", "--engine", "x86"], ["--engine", "cpu-int8"]),
+        # prune-channels options
+        (None, ["compile", "zoo:digits_cnn", "--pipeline", "prune-channels{ratio=1.5}"], ["prune-channels", "0 <= ratio < 1", "1.5"]),
+        (None, ["compile", "zoo:digits_cnn", "--pipeline", "prune-channels{ratio=-0.1}"], ["prune-channels", "0 <= ratio < 1", "-0.1"]),
+        (None, ["compile", "zoo:digits_cnn", "--pipeline", "prune-channels{importance=magic}"], ["'magic'", "'bn-gamma', 'l1', 'l2'"]),
+        (None, ["compile", "zoo:digits_cnn", "--pipeline", "prune-channels{ratio={nope:0.3}}"], ["prune-channels", "unknown module 'nope'"]),
+        (None, ["compile", "zoo:digits_cnn", "--pipeline", "prune-channels{skip=[nope]}"], ["prune-channels", "unknown module 'nope'"]),
+        (None, ["compile", "zoo:digits_cnn", "--pipeline", "prune-channels{round-to=0}"], ["prune-channels", "round-to", ">= 1"]),
+        (None, ["compile", "zoo:digits_cnn", "--recover-steps", "-3"], ["--recover-steps", ">= 0"]),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_output(work, setup, args, phrases):
@@ -129,6 +146,15 @@ def test_bad_input_exits_2_with_one_line_and_no_output(work, setup, args, phrase
         (work / "perturb.py").write_text(PERTURB_PLUGIN.format(contract="exact"))
     elif setup == "raising-plugin":
         (work / "raising.py").write_text("VALUE = 1 / 0\n")
+    elif setup == "calib":
+        rng = np.random.default_rng(0)
+        np.save(work / "shape.npy", rng.standard_normal((10, 1, 7, 7)).astype("float32"))
+        np.save(work / "ints.npy", rng.integers(0, 5, (10, 1, 8, 8)))
+        np.save(work / "empty.npy", np.zeros((0, 1, 8, 8), "float32"))
+        nan = rng.standard_normal((10, 1, 8, 8)).astype("float32")
+        nan[3, 0, 2, 2] = np.nan
+        np.save(work / "nan.npy", nan)
+        (work / "emptydir").mkdir()
     result = graphopt(*args, "-o", "out", cwd=work)
     assert_fails(result, 2, *phrases)
     assert not (work / "out").exists()
@@ -224,3 +250,18 @@ def test_listing_commands(work):
     (work / "perturb.py").write_text(PERTURB_PLUGIN.format(contract="approximate"))
     listed = graphopt("passes", "--plugin", "perturb.py", cwd=work)
     assert "perturb" in listed.stdout and "amount" in listed.stdout
+
+
+def test_profile_lists_every_conv_with_macs_that_add_up(work):
+    from graphopt.capture import capture
+    from graphopt.cost import count_macs
+
+    result = graphopt("profile", "zoo:digits_cnn", "--json", "--runs", "2", cwd=work)
+    assert result.returncode == 0, result.stderr
+    profile = json.loads(result.stdout)
+    program = capture("zoo:digits_cnn")
+    convs = {n.name for n in program.graph.nodes if n.op == "call_module" and "Conv" in type(program.graph_module.get_submodule(n.target)).__name__}
+    assert convs and convs <= {row["name"] for row in profile["nodes"]}
+    assert sum(row["macs"] for row in profile["nodes"]) == profile["total_macs"] == count_macs(program.graph_module)
+    times = [row["ms"] for row in profile["nodes"]]
+    assert times == sorted(times, reverse=True) and all(t > 0 for t in times)

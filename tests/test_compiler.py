@@ -111,3 +111,23 @@ def test_pruning_pipeline_is_reported_not_failed_and_cuts_macs():
         graphopt.compile("zoo:resnet18", target="cpu-fp32", input_shapes=[(1, 3, 64, 64)],
                          pipeline="fuse-conv-bn-relu,prune-channels{ratio=0.3},dce", verify_samples=2, measure=False,
                          tolerance=graphopt.verify.Tolerance(min_cosine=0.9999))
+
+
+def test_recovery_runs_after_pruning_and_before_quantization(tmp_path):
+    """--recover-steps with an int8 pipeline: recovery refuses quantized programs, so success proves the order."""
+    result = graphopt.compile(
+        "zoo:digits_cnn", target="cpu-int8", data="graphopt.datasets:digits", calib_samples=64, verify_samples=8,
+        pipeline="fuse-conv-bn-relu,prune-channels{ratio=0.5},insert-quant-stubs,dce", recover_steps=60, measure=False,
+        output=tmp_path / "out",
+    )
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rec = report["recovery"]
+    assert rec["steps"] == 60 and len(rec["loss_curve"]) == 60
+    assert rec["last_loss"] < 0.5 * rec["first_loss"]
+    assert report["calibration"]["source"].startswith("callable 'graphopt.datasets:digits'")
+    assert result.report.extra["quantization"]["quantized_layers"]
+
+
+def test_recover_steps_must_not_be_negative():
+    with pytest.raises(UsageError, match="--recover-steps must be >= 0"):
+        graphopt.compile("zoo:digits_cnn", recover_steps=-1)
