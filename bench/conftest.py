@@ -1,0 +1,1 @@
+"""Benchmarks are run on demand: `python -m pytest bench/ --benchmark-only`."""
