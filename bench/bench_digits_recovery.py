@@ -20,7 +20,6 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:

@@ -135,7 +135,7 @@ def _slice_layer(core: nn.Module, keep_in: np.ndarray, keep_out: np.ndarray) -> 
             w, groups = w[_mask(keep_out)][:, _mask(keep_in)], 1
         elif cpg == 1:  # depthwise(-like): whole groups go
             if not np.array_equal(keep_out, np.repeat(keep_in, opg)):
-                raise RuntimeError(f"depthwise conv: output channels not pruned with their input channel")
+                raise RuntimeError("depthwise conv: output channels not pruned with their input channel")
             w, groups = w[_mask(keep_out)], int(keep_in.sum())
         else:  # grouped: the same local channels go in every group
             local_in, local_out = keep_in[:cpg], keep_out[:opg]

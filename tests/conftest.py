@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.fx
 from torch import nn
 
 from graphopt.program import Program
+
+# Tests run in parallel (pytest -n auto) on small shared machines: one intra-op thread per
+# process, here and in the `graphopt` subprocesses the CLI tests start. Intra-op threads
+# of several processes spinning against each other made convs 40x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def program_of(model: nn.Module, *shapes: tuple[int, ...], seed: int = 0) -> Program:

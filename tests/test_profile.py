@@ -20,13 +20,6 @@ from graphopt.program import Program
 from tests.conftest import program_of
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @functools.lru_cache(maxsize=None)
 def zoo_program(name: str) -> Program:

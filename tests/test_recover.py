@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from graphopt import zoo
 from graphopt.capture import capture
 from graphopt.datasets import accuracy, digits_split, train_digits_cnn
 from graphopt.errors import DataError, UsageError
@@ -22,13 +21,6 @@ from graphopt.program import Program
 from graphopt.recover import CURVE_POINTS, RecoveryResult, recover
 from tests.conftest import program_of
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- digits

@@ -20,14 +20,6 @@ from tests.conftest import program_of
 from tests.passes.test_prune_channels import assert_same, small_shape, zoo_program
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Intra-op threads spin against each other on a busy shared machine (40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def dense_convs(program: Program) -> dict[str, nn.Conv2d]:
     """Dense KxK convs the graph calls (inside fused modules too)."""

@@ -41,14 +41,6 @@ EXAMPLES = {"ci": 40, "full": 200}.get(PROFILE, 40)
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Intra-op threads spin against each other on a busy shared machine (40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def small_shape(name: str) -> tuple[int, ...]:
     return (1, 1, 8, 8) if name == "digits_cnn" else (1, 3, 64, 64)
