@@ -53,7 +53,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from graphopt.errors import DataError, PipelineError
-from graphopt.program import Program, flatten_outputs
+from graphopt.program import Program, delete_unused_submodules, flatten_outputs
 
 __all__ = [
     "Scheme",
@@ -878,7 +878,7 @@ def strip(gm: GraphModule) -> GraphModule:
             out.graph.erase_node(n)
         elif isinstance(m, QuantLayer):
             out.add_submodule(str(n.target), m.layer)
-    out.delete_all_unused_submodules()
+    delete_unused_submodules(out)
     out.recompile()
     return out
 

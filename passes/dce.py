@@ -14,6 +14,7 @@ import operator
 from torch.fx import GraphModule, Node
 
 from graphopt import PassResult, Program, register_pass
+from graphopt.program import delete_unused_submodules, name_prefixes
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
@@ -48,13 +49,14 @@ def is_impure(gm: GraphModule, node: Node) -> bool:
 def _remove_unused_attributes(gm: GraphModule) -> int:
     """Delete parameters and buffers on the root module that no get_attr node reads."""
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    used_prefixes = {p for u in used for p in name_prefixes(u)}
     used_modules = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     removed = 0
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         owner, _, attr = name.rpartition(".")
-        if name in used or any(owner == m or owner.startswith(m + ".") for m in used_modules):
+        if name in used or (owner and any(p in used_modules for p in name_prefixes(owner))):
             continue
-        if any(u.startswith(name + ".") for u in used):
+        if name in used_prefixes:  # a get_attr reads something below it
             continue
         module = gm.get_submodule(owner) if owner else gm
         if attr in module._parameters:
@@ -75,7 +77,7 @@ def dce(program: Program) -> PassResult:
     modules_before = sum(1 for _ in gm.named_modules())
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: is_impure(gm, n))
     nodes = nodes_before - len(gm.graph.nodes)
-    gm.delete_all_unused_submodules()
+    delete_unused_submodules(gm)
     modules = modules_before - sum(1 for _ in gm.named_modules())
     attrs = _remove_unused_attributes(gm)
     changed = bool(nodes or modules or attrs)

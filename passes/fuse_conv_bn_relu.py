@@ -22,6 +22,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from graphopt import PassResult, Program, register_pass
+from graphopt.program import delete_unused_submodules
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -131,7 +132,7 @@ def fuse_conv_bn_relu(program: Program) -> PassResult:
         fused += 1
 
     if folded:
-        gm.delete_all_unused_submodules()
+        delete_unused_submodules(gm)
     detail = f"{folded} BatchNorm folded, {fused} ReLU absorbed"
     if left:
         shown = ", ".join(left[:5]) + (f", … {len(left) - 5} more" if len(left) > 5 else "")
