@@ -62,7 +62,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from graphopt.errors import ArtifactError, GraphoptError, UsageError, choices
+from graphopt.errors import ArtifactError, LoweringError, UsageError, choices
 from graphopt.program import InputSpec, Program
 from graphopt.quant import META_KEY, ActFakeQuant, QParams, QuantLayer
 from graphopt.targets import Artifact, TargetSpec, register_target
@@ -97,10 +97,8 @@ DATA_MOVEMENT_OPS = frozenset(
 )
 
 
-class OnnxExportError(GraphoptError):
+class OnnxExportError(LoweringError):
     """The program could not be turned into an ONNX model (names the node at fault)."""
-
-    kind = "lowering error"
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ __all__ = [
     "VerificationError",
     "DataError",
     "ArtifactError",
+    "LoweringError",
     "choices",
 ]
 
@@ -76,6 +77,12 @@ class ArtifactError(GraphoptError):
     """A saved artifact or golden file is missing or unreadable."""
 
     kind = "artifact error"
+
+
+class LoweringError(GraphoptError):
+    """A backend cannot express the optimized program (names the node or layer at fault)."""
+
+    kind = "lowering error"
 
 
 class PassError(GraphoptError):
