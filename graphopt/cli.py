@@ -62,21 +62,25 @@ def _names(values: Sequence[str]) -> list[str]:
 
 
 class _Stages:
-    """A spinner on stderr naming the current stage (only on a terminal)."""
+    """Progress on stderr (only on a terminal): the current stage, with a bar for counted steps."""
 
     def __init__(self, quiet: bool) -> None:
-        self.status = None
+        self.progress = None
         if not quiet and sys.stderr.isatty():
-            self.status = _console(stderr=True).status("starting")
-            self.status.start()
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    def __call__(self, stage: str) -> None:
-        if self.status is not None:
-            self.status.update(f"{stage}…")
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=_console(stderr=True), transient=True)
+            self.task = self.progress.add_task("starting", total=None)
+            self.progress.start()
+
+    def __call__(self, stage: str, done: int | None = None, total: int | None = None) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=stage, completed=done or 0, total=total)
 
     def stop(self) -> None:
-        if self.status is not None:
-            self.status.stop()
+        if self.progress is not None:
+            self.progress.stop()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

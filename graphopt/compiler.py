@@ -229,7 +229,7 @@ def compile(
     print_ir_after: Sequence[str] = (),
     ir_stream: TextIO | None = None,
     measure: bool = True,
-    on_stage: Callable[[str], None] | None = None,
+    on_stage: Callable[..., None] | None = None,
 ) -> CompileResult:
     """Compile ``source`` (an nn.Module, ``zoo:NAME``, ``pkg.mod:fn``, ``.pt2``, ``.pt``) for ``target``.
 
@@ -246,7 +246,7 @@ def compile(
     """
     from graphopt.capture import capture
 
-    stage = on_stage or (lambda _s: None)
+    stage = on_stage or (lambda *_a: None)  # stage(name) or stage(name, done, total) for long steps
     host = host_with(plugins)
     spec: TargetSpec = host.targets.get(target)
     spec.check_available()
@@ -289,14 +289,14 @@ def compile(
                                              needs_calibration=needs_calibration)
     if cal is not None:
         program.calibration = list(cal.samples)
-        program.meta["calibration_progress"] = lambda done, total: stage(f"calibrating {done}/{total}")
+        program.meta["calibration_progress"] = lambda done, total: stage("calibrating", done, total)
     references = run_all(original.run, samples)
 
     all_instruments: list[Instrument] = []
     recovery: Recovery | None = None
     if recover_steps > 0:
         recovery = Recovery(original.run, program.calibration, recover_steps, recover_lr,
-                            lambda done, total, loss: stage(f"recovering {done}/{total} (loss {loss:.4g})"))
+                            lambda done, total, loss: stage(f"recovering (loss {loss:.4g})", done, total))
         all_instruments.append(recovery)
     before_quant = SnapshotBefore(QUANT_PASS)
     if quant_invs:
