@@ -321,8 +321,13 @@ def compile(
     report = Report(source=program.meta.get("source", str(source)), target=spec.name, pipeline=str(pipe), passes=records)
     if cal is not None:
         report.extra["calibration"] = {"source": cal.source, "samples": len(cal.samples)}
-        if cal.warning:
+        if cal.warning and quant_invs:
             report.warnings.append(cal.warning)
+        elif cal.warning:
+            report.warnings.append(
+                "RECOVERY USED RANDOM DATA: the distillation matched the original on N(0,1) noise, not on real "
+                "inputs; pass --calib-data (a .npy/.npz file, a folder of images or pkg.module:function)"
+            )
     if overlap_note:
         report.warnings.append(overlap_note)
     if recovery is not None and recovery.result is not None:

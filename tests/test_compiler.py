@@ -131,3 +131,11 @@ def test_recovery_runs_after_pruning_and_before_quantization(tmp_path):
 def test_recover_steps_must_not_be_negative():
     with pytest.raises(UsageError, match="--recover-steps must be >= 0"):
         graphopt.compile("zoo:digits_cnn", recover_steps=-1)
+
+
+def test_recovery_on_random_data_says_so():
+    result = graphopt.compile("zoo:digits_cnn", pipeline="fuse-conv-bn-relu,prune-channels{ratio=0.5},dce",
+                              recover_steps=5, verify_samples=2, measure=False)
+    assert any(w.startswith("RECOVERY USED RANDOM DATA") for w in result.report.warnings)
+    assert not any("int8 ranges" in w for w in result.report.warnings)  # no quantization in this pipeline
+    assert result.report.extra["recovery"]["steps"] == 5
