@@ -28,13 +28,10 @@ def build_int8(name: str, size: int, engine: str, calib: list[torch.Tensor]):
     from graphopt import zoo
     from graphopt.compiler import load_artifact
     from graphopt.pipeline import PassManager, parse_pipeline
-    from graphopt.plugins import PluginHost
+    from graphopt.plugins import default_host
     from graphopt.program import Program
 
-    host = PluginHost()
-    host.load_entry_points()
-    host.load("graphopt.passes.insert_quant_stubs")
-    host.load("graphopt.backends.cpu_int8")
+    host = default_host()
     spec = host.targets.get("cpu-int8")
     program = Program(torch.fx.symbolic_trace(zoo.build(name)), (calib[0],))
     program.propagate_shapes()

@@ -31,13 +31,9 @@ warnings.filterwarnings("ignore")
 
 
 def _host():
-    from graphopt.plugins import PluginHost
+    from graphopt.plugins import default_host
 
-    host = PluginHost()
-    host.load_entry_points()
-    host.load("graphopt.passes.insert_quant_stubs")
-    host.load("graphopt.backends.ort")
-    return host
+    return default_host()  # built-in passes and targets come from the installed entry points
 
 
 def build(host, name: str, target: str, calib: list[torch.Tensor], directory: Path):
