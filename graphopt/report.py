@@ -79,6 +79,16 @@ class Report:
         for p in self.passes:
             passes.add_row(p.name, f"{p.seconds * 1e3:.1f}", f"{p.nodes_before} → {p.nodes_after}", p.detail)
         console.print(passes)
+        for p in self.passes:
+            layers = [row for row in p.data.get("layers", []) if isinstance(row, dict) and "weight_error" in row]
+            if layers:  # per-layer decisions of a rewrite (depthwise-substitution): r, error, MACs
+                table = Table(title=f"{p.name}: per layer", title_justify="left")
+                for col in ("layer", "status", "r", "weight error", "MACs before", "MACs after"):
+                    table.add_column(col, justify="left" if col in ("layer", "status") else "right")
+                for row in layers:
+                    table.add_row(row["name"], row["status"], f"{row['r']}/{row.get('max_r', '?')}", f"{row['weight_error']:.4f}",
+                                  f"{row['macs_before']:,}", f"{row['macs_after']:,}")
+                console.print(table)
 
         summary = Table(show_header=True)
         summary.add_column("")
