@@ -50,6 +50,16 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+@pytest.fixture(scope="session")
+def host():
+    """A plugin host with the installed entry points: every built-in pass and target."""
+    from graphopt.plugins import PluginHost
+
+    h = PluginHost()
+    h.load_entry_points()
+    return h
+
+
 @pytest.fixture
 def fresh_host():
     """A plugin host with only the installed entry points loaded (not the cached default)."""

@@ -25,17 +25,6 @@ from graphopt.quant import check_lowering, check_lowering_local, lowering_error,
 QUANTIZED_LAYERS = (nnq.Conv2d, nnq.Linear, nniq.ConvReLU2d, nniq.LinearReLU)
 
 
-@pytest.fixture(scope="module")
-def host():
-    from graphopt.plugins import PluginHost
-
-    h = PluginHost()
-    h.load_entry_points()
-    h.load("graphopt.passes.insert_quant_stubs")
-    h.load("graphopt.backends.cpu_int8")
-    return h
-
-
 def compile_zoo(host, name: str, *, pipeline: str | None = None, engine: str | None = None, size: int = 48):
     """(fp32 model, simulated program, artifact, evaluation samples) at a small input size."""
     model = zoo.build(name)

@@ -33,17 +33,6 @@ U8_PIPELINE = "fuse-conv-bn-relu,insert-quant-stubs{activations=u8},dce"
 S8_PIPELINE = "fuse-conv-bn-relu,insert-quant-stubs{activations=s8},dce"
 
 
-@pytest.fixture(scope="module")
-def host():
-    from graphopt.plugins import PluginHost
-
-    h = PluginHost()
-    h.load_entry_points()
-    h.load("graphopt.passes.insert_quant_stubs")
-    h.load("graphopt.backends.ort")
-    return h
-
-
 def _shape(name: str, size: int) -> tuple[int, ...]:
     return zoo.get(name).input_shape if name == "digits_cnn" else (1, 3, size, size)
 

@@ -23,16 +23,6 @@ from graphopt.quant import (
 )
 
 
-@pytest.fixture(scope="module")
-def host():
-    from graphopt.plugins import PluginHost
-
-    h = PluginHost()
-    h.load_entry_points()
-    h.load("graphopt.passes.insert_quant_stubs")
-    return h
-
-
 def zoo_program(name: str, *, size: int = 64, batches: int = 4, batch: int = 2, seed: int = 0) -> tuple[nn.Module, Program]:
     model = zoo.build(name)
     shape = zoo.get(name).input_shape[:2] + ((size, size) if name != "digits_cnn" else zoo.get(name).input_shape[2:])
