@@ -268,9 +268,12 @@ def compile(
         raise UsageError(f"--calib-samples must be >= 1, got {calib_samples}")
     explicit_tolerance = tolerance is not None
     tol = tolerance or default_tolerance(spec.precision)
-    if "auto" in keep_fp32 and tol.min_cosine is not None:
+    if "auto" in keep_fp32:  # keep layers in fp32 until the target's own tolerance is met
         for inv in quant_invs:
-            inv.options.setdefault("keep_fp32_cosine", tol.min_cosine)
+            if tol.min_cosine is not None:
+                inv.options.setdefault("keep_fp32_cosine", tol.min_cosine)
+            if tol.min_top1 is not None:
+                inv.options.setdefault("keep_fp32_top1", tol.min_top1)
     out_dir = Path(output) if output is not None else None
     if out_dir is not None and out_dir.exists() and not force:
         raise UsageError(f"output folder '{out_dir}' already exists; pass --force to replace it")
@@ -410,7 +413,9 @@ def _verify(report: Report, fp32_reference: Program, program: Program, artifact:
     elif end_to_end:
         hint = ""
         if "quant" in program.meta:
-            hint = " (try --keep-fp32 auto or more --calib-data)"
+            auto = "keep_fp32_auto" in program.meta["quant"]
+            hint = (" (--keep-fp32 auto met the tolerance on the calibration inputs but not on these: calibrate on more, "
+                    "representative --calib-data)" if auto else " (try --keep-fp32 auto or more --calib-data)")
         failures.append("; ".join(end_to_end) + hint)
     if "quant" in program.meta:
         from graphopt.quant import verify_int8

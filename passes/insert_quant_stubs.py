@@ -23,7 +23,8 @@ Options:
 - ``skip`` / ``keep_fp32``: layers kept in fp32, by module path (a prefix such as
   ``layer4`` names all layers below it) or node name (``add_3``). ``keep_fp32`` may also
   hold ``auto``: the most sensitive layers are kept in fp32 until the simulated output
-  reaches cosine ``keep_fp32_cosine`` against fp32 on the calibration samples.
+  reaches cosine ``keep_fp32_cosine`` (and top-1 agreement ``keep_fp32_top1``, when
+  above 0) against fp32 on the calibration samples.
 
 The calibration samples are the compiler's business: it fills ``program.calibration``
 from ``--calib-data`` or with random samples and a warning. A callable in
@@ -61,6 +62,7 @@ def insert_quant_stubs(
     skip: list[str] = [],  # noqa: B006 - options are read, never mutated
     keep_fp32: list[str] = [],  # noqa: B006
     keep_fp32_cosine: float = 0.99,
+    keep_fp32_top1: float = 0.0,
 ) -> PassResult:
     """Calibrate, then quantize-dequantize activations and weights (simulated int8)."""
     if META_KEY in program.meta:
@@ -72,6 +74,8 @@ def insert_quant_stubs(
         )
     if not 0.0 < keep_fp32_cosine <= 1.0:
         raise PipelineError(f"insert-quant-stubs: keep-fp32-cosine must be in (0, 1], got {keep_fp32_cosine}")
+    if not 0.0 <= keep_fp32_top1 <= 1.0:
+        raise PipelineError(f"insert-quant-stubs: keep-fp32-top1 must be in [0, 1], got {keep_fp32_top1}")
     auto = "auto" in keep_fp32
     names = [n for n in keep_fp32 if n != "auto"]
     float_gm = program.graph_module
@@ -84,7 +88,8 @@ def insert_quant_stubs(
     samples = program.calibration[:AUTO_SAMPLES]
     auto_kept: list[tuple[str, float]] = []
     if auto:
-        auto_kept = keep_fp32_auto(program, float_gm, samples, Tolerance(min_cosine=keep_fp32_cosine))
+        target = Tolerance(min_cosine=keep_fp32_cosine, min_top1=keep_fp32_top1 or None)
+        auto_kept = keep_fp32_auto(program, float_gm, samples, target)
 
     info = program.meta[META_KEY]
     error = quantization_error(float_gm, program.graph_module, samples[:2]).metrics

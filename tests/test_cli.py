@@ -126,6 +126,8 @@ def assert_fails(result, code: int, *phrases: str) -> str:
         (None, ["compile", "zoo:digits_cnn", "-t", "cpu-int8", "--keep-fp32", "features.99"], ["keep-fp32", "'features.99'", "'features.0.0'"]),
         (None, ["compile", "zoo:digits_cnn", "--keep-fp32", "auto"], ["--keep-fp32", "insert-quant-stubs"]),
         (None, ["compile", "zoo:digits_cnn", "--engine", "x86"], ["--engine", "cpu-int8"]),
+        (None, ["compile", "zoo:digits_cnn", "-t", "cpu-int8", "--pipeline", "insert-quant-stubs{keep-fp32-top1=2}"],
+         ["insert-quant-stubs", "keep-fp32-top1 must be in [0, 1]"]),
         # prune-channels options
         (None, ["compile", "zoo:digits_cnn", "--pipeline", "prune-channels{ratio=1.5}"], ["prune-channels", "0 <= ratio < 1", "1.5"]),
         (None, ["compile", "zoo:digits_cnn", "--pipeline", "prune-channels{ratio=-0.1}"], ["prune-channels", "0 <= ratio < 1", "-0.1"]),

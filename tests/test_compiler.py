@@ -12,6 +12,7 @@ from torch import nn
 import graphopt
 from graphopt import zoo
 from graphopt.errors import UsageError, VerificationError
+from graphopt.verify import Tolerance
 
 REPORT_KEYS = {"source", "target", "pipeline", "passes", "verification", "latency_ms", "size_bytes", "macs"}
 
@@ -81,12 +82,12 @@ def test_int8_without_calibration_data_warns_loudly(tmp_path):
 
 def test_keep_fp32_auto_keeps_layers_until_the_tolerance_is_met(tmp_path):
     data = _digits_data(tmp_path / "digits.npy", n=40)
-    tight = graphopt.verify.Tolerance(min_cosine=0.99999)
+    tight = Tolerance(min_cosine=0.99999)
     with pytest.raises(VerificationError, match="--keep-fp32 auto"):
         graphopt.compile("zoo:digits_cnn", target="cpu-int8", data=data, calib_samples=32, verify_samples=8,
                          tolerance=tight, measure=False)
     result = graphopt.compile("zoo:digits_cnn", target="cpu-int8", data=data, calib_samples=32, verify_samples=8,
-                              keep_fp32=["auto"], tolerance=graphopt.verify.Tolerance(min_cosine=0.9999), measure=False)
+                              keep_fp32=["auto"], tolerance=Tolerance(min_cosine=0.9999), measure=False)
     kept = result.report.extra["quantization"]["kept_fp32"]
     assert kept and all(k["reason"] == "auto" and k["sensitivity"] >= 0 for k in kept)
     auto = result.report.extra["quantization"]["keep_fp32_auto"]
@@ -110,7 +111,7 @@ def test_pruning_pipeline_is_reported_not_failed_and_cuts_macs():
     with pytest.raises(VerificationError):
         graphopt.compile("zoo:resnet18", target="cpu-fp32", input_shapes=[(1, 3, 64, 64)],
                          pipeline="fuse-conv-bn-relu,prune-channels{ratio=0.3},dce", verify_samples=2, measure=False,
-                         tolerance=graphopt.verify.Tolerance(min_cosine=0.9999))
+                         tolerance=Tolerance(min_cosine=0.9999))
 
 
 def test_recovery_runs_after_pruning_and_before_quantization(tmp_path):
