@@ -127,8 +127,9 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, output: 
                 input_shapes: tuple[str, ...], pipeline: str | None, verify_each: bool,
                 print_ir_after: tuple[str, ...], plugins: tuple[str, ...], calib_data: str | None,
                 calib_samples: int, calib_size: str | None, calib_normalize: str, keep_fp32: tuple[str, ...],
-                engine: str | None, recover_steps: int, recover_lr: float, verify_samples: int, seed: int, weights: Path | None, trust_pickle: bool, no_latency: bool,
-                as_json: bool, quiet: bool, **tol: Any) -> None:
+                engine: str | None, recover_steps: int, recover_lr: float, verify_samples: int, seed: int,
+                weights: Path | None, trust_pickle: bool, no_latency: bool, as_json: bool, quiet: bool,
+                **tol: Any) -> None:
     """Compile SOURCE (zoo:NAME, pkg.module:factory, model.pt2, model.pt) for a target."""
     from graphopt.compiler import compile as do_compile, default_output_dir, host_with
     from graphopt.errors import UsageError
