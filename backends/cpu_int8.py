@@ -27,13 +27,15 @@ plus ``weights.pt`` (int8 and fp32 tensors only), which loads with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import operator
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.ao.nn.intrinsic as nni
@@ -49,12 +51,15 @@ from graphopt.program import InputSpec, Program
 from graphopt.quant import (
     META_KEY,
     ActFakeQuant,
+    KernelArithmetic,
     OpKind,
+    PoolRounding,
     QParams,
     QuantLayer,
     absorbable_activation,
     anchor_inputs,
     op_kind,
+    pool_window,
     rederive,
     silence_quantized_deprecation,
 )
@@ -79,13 +84,25 @@ def default_engine() -> str:
     return DEFAULT_ENGINE
 
 
+def _cpu_flags() -> str | None:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+
+
 def cpu_has_vnni() -> bool:
     """True where 8-bit dot products accumulate in 32 bits (no u8*s8 pair saturation)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = _cpu_flags()
+    if flags is None:
         return True  # not Linux: assume a modern CPU; the lowering check still guards
     return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+def cpu_has_avx512_vnni() -> bool:
+    """The test torch's ``x86`` engine makes to send convolutions to oneDNN (Linux only)."""
+    flags = _cpu_flags()
+    return flags is not None and "avx512_vnni" in flags
 
 
 @contextmanager
@@ -130,34 +147,44 @@ def _map_nodes(a: Any, fn) -> Any:
 
 
 def pack_engine(layer: nn.Module, engine: str) -> str:
-    """The engine whose kernel a conv/linear is packed for.
+    """The kernel family (``fbgemm`` or ``onednn``) a conv/linear is packed for.
 
-    fbgemm's depthwise convolution sums pairs of u8*s8 products in 16 bits
-    (``vpmaddubsw``) and saturates with full-range u8 activations, by up to ~30 output
-    steps, even on VNNI CPUs; the ``x86`` engine picks that kernel for many depthwise
-    shapes. oneDNN's depthwise kernel is exact and as fast, so depthwise convs are packed
-    for oneDNN (packed weights carry their kernel: engines mix within one graph).
+    Packed weights carry their kernel, so engines mix within one graph; naming the
+    family here (never ``x86``) lets the simulation reproduce that kernel's arithmetic
+    (:class:`~graphopt.quant.KernelArithmetic`). ``x86`` is resolved as torch resolves
+    it: convolutions with at most 100 groups go to oneDNN on AVX512-VNNI Linux CPUs,
+    everything else to fbgemm. Depthwise convolutions always go to oneDNN where
+    available: fbgemm's depthwise kernel sums pairs of u8*s8 products in 16 bits
+    (``vpmaddubsw``) and saturates with a non-zero input zero point, by up to ~30
+    output steps, even on VNNI CPUs; oneDNN's is exact and as fast.
     """
-    depthwise = isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups > 1 and layer.groups == layer.in_channels
-    if depthwise and engine in ("x86", "fbgemm") and "onednn" in torch.backends.quantized.supported_engines:
+    if engine == "onednn":
         return "onednn"
-    return engine
+    has_onednn = "onednn" in torch.backends.quantized.supported_engines
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and has_onednn:
+        depthwise = layer.groups > 1 and layer.groups == layer.in_channels
+        if depthwise or (engine == "x86" and cpu_has_avx512_vnni() and layer.groups <= 100):
+            return "onednn"
+    return "fbgemm"
+
+
+def _empty_quantized_layer(base: nn.Module, relu: bool) -> nn.Module:
+    if isinstance(base, nn.Linear):
+        cls = nniq.LinearReLU if relu else nnq.Linear
+        return cls(base.in_features, base.out_features, True)
+    if isinstance(base, nn.Conv1d):
+        cls = nniq.ConvReLU1d if relu else nnq.Conv1d
+    else:
+        cls = nniq.ConvReLU2d if relu else nnq.Conv2d
+    return cls(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding, base.dilation,
+               base.groups, True, base.padding_mode)
 
 
 def _quantized_layer(q: QuantLayer, relu: bool, qp: QParams, engine: str) -> nn.Module:
     base = q.base
     weight = q.weight_fq.quantize(base.weight)
     bias = base.bias.detach().float() if base.bias is not None else None
-    if isinstance(base, nn.Linear):
-        cls = nniq.LinearReLU if relu else nnq.Linear
-        m = cls(base.in_features, base.out_features, bias_=True)
-    else:
-        if isinstance(base, nn.Conv1d):
-            cls = nniq.ConvReLU1d if relu else nnq.Conv1d
-        else:
-            cls = nniq.ConvReLU2d if relu else nnq.Conv2d
-        m = cls(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding, base.dilation,
-                base.groups, True, base.padding_mode)
+    m = _empty_quantized_layer(base, relu)
     m.pack_engine = pack_engine(base, engine)
     with engine_scope(m.pack_engine):
         m.set_weight_bias(weight, bias)
@@ -201,6 +228,8 @@ class _Lowering:
         self.dequantized: dict[Node, Node] = {}
         self.absorbed: set[Node] = set()
         self.points: dict[str, str] = {}  # simulated quantizer node -> lowered node with the same value
+        self.pools: dict[str, tuple[ActFakeQuant, int]] = {}  # lowered avg pool -> its simulated requantizer, window
+        self.onednn_layers: dict[str, tuple[QuantLayer, bool]] = {}  # lowered oneDNN conv/linear -> simulated layer, relu
         self.stats = {"quantized_layers": 0, "quantized_ops": 0, "float_ops": 0, "quantize": 0, "dequantize": 0,
                       "float_layers": []}
 
@@ -292,6 +321,7 @@ class _Lowering:
             self.env[n], self.qp[n] = self.env[src], self.qp.get(src)
             return
         qp = fq.qparams
+        fq.quantize_rounding = not _same(self.qp.get(src), qp)  # lowered to quantize_per_tensor
         self.env[n] = self.quantized(src, qp)
         self.qp[n] = qp
         self.points[n.name] = self.env[n].name
@@ -305,6 +335,9 @@ class _Lowering:
             # Runs on the quantized tensor; other Node arguments (sizes, indices) are plain values.
             new = self.copy_node(n, lambda a: self.env[a] if a is first else self.fp32(a))
             self.env[n] = new
+            size = pool_window(self.sim, n) if kind is OpKind.REQUANT else None
+            if size is not None and len(n.users) == 1 and _fq(self.sim, next(iter(n.users))) is not None:
+                self.pools[new.name] = (_fq(self.sim, next(iter(n.users))), size)
             self.qp[n] = self.qp[first] if kind is not OpKind.SHAPE else None
             self.stats["quantized_ops"] += kind is not OpKind.SHAPE
             return
@@ -341,7 +374,10 @@ class _Lowering:
             relu = relu or q.fused_relu
             name = self.module_name(str(n.target))
             self.root[name] = _quantized_layer(q, relu, qp, self.engine)
+            q.arithmetic = KernelArithmetic(self.root[name].pack_engine, self.qp[n.args[0]], qp)
             new = self.graph.create_node("call_module", name, (self.env[n.args[0]],), name=n.name)
+            if q.arithmetic.kernel == "onednn":
+                self.onednn_layers[new.name] = (q, relu)
             self.stats["quantized_layers"] += 1
         elif n.op == "call_module":  # BatchNorm2d
             name = self.module_name(str(n.target))
@@ -371,6 +407,159 @@ class _Lowering:
         return True
 
 
+def _onednn_combines_scales(q: QuantLayer, relu: bool, shape: tuple[int, ...], zero_points: tuple[int, int]) -> bool | None:
+    """Does oneDNN's kernel for this layer multiply by ``s_in * s_w`` or by ``s_in``, then ``s_w``?
+
+    oneDNN picks an implementation per shape (its 1x1 and 3x3 convolutions differ here),
+    and the two orders round differently in float32 on about one element in a million:
+    enough to compound through a deep net. Measured on the kernel: a layer of the same
+    geometry, input shape and zero points gets weights, scales and biases chosen so that
+    the two orders land on different integers at one position per output channel; the
+    kernel's answers there say which order it uses. None if the probe cannot tell.
+    """
+    got, separate, combined = [], [], []
+    for seed in range(24):
+        trial = _scale_order_trial(q, relu, shape, zero_points, seed)
+        if trial is not None:
+            for acc_list, t in zip((got, separate, combined), trial):
+                acc_list.append(t)
+        if sum(len(t) for t in got) >= 8:
+            break
+    if sum(len(t) for t in got) < 4:
+        return None
+    k, sep, comb = torch.cat(got), torch.cat(separate), torch.cat(combined)
+    if bool((k == comb).all()):
+        return True
+    if bool((k == sep).all()):
+        return False
+    return None
+
+
+def _scale_order_trial(q: QuantLayer, relu: bool, shape: tuple[int, ...], zero_points: tuple[int, int],
+                       seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """One probe of :func:`_onednn_combines_scales`: (kernel, separate, combined) where they differ."""
+    base = q.base
+    zp_in, zp_out = zero_points
+    # outputs must land inside [0, 255] after the zero point: positive sums when the
+    # zero point leaves room above it, negative ones otherwise (not with a fused ReLU)
+    positive = zp_out <= 127
+    if relu and not positive:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    xu = torch.randint(0, 256, shape, generator=g)
+    wi = torch.randint(-20, 21, tuple(base.weight.shape), generator=g)
+    xi, wd = (xu - zp_in).double(), wi.double()
+    acc = F.linear(xi, wd) if isinstance(base, nn.Linear) else base._conv_forward(xi, wd, None)
+    channels = acc.shape[1] if acc.dim() > 1 else acc.shape[0]
+    flat = acc.transpose(0, 1).reshape(channels, -1)
+    a_ext, where = flat.max(dim=1) if positive else flat.min(dim=1)
+    room = (250 - zp_out) if positive else (zp_out - 1)
+    one = torch.tensor(1.0, dtype=torch.float32)
+    s_in, s_out = 0.02, 0.02 * 0.0015 * float(a_ext.abs().clamp(min=1).median()) / (room / 2)
+    w_scale = (torch.rand(channels, generator=g) * 0.001 + 0.001).float()
+    src = one / torch.tensor(1.0 / s_in, dtype=torch.float32)
+    inv_dst = one / (one / torch.tensor(1.0 / s_out, dtype=torch.float32))
+    a = a_ext.float()
+    p_separate, p_combined = (a * src) * w_scale, a * (src * w_scale)
+    zpf = torch.tensor(float(zp_out), dtype=torch.float32)
+    v = p_separate * inv_dst + zpf
+    ok = (a_ext * (1 if positive else -1) > 0) & (p_separate != p_combined) & (v > 1) & (v < 250)
+    # a bias that puts a rounding boundary between the two orders' results
+    b0 = (torch.floor(v) + 0.5 - zpf) / inv_dst - (p_separate + p_combined) / 2
+    ulp = torch.nextafter(b0.abs() + 1e-6, torch.tensor(float("inf"))) - (b0.abs() + 1e-6)
+    bias = torch.zeros(channels, dtype=torch.float32)
+    found = torch.zeros(channels, dtype=torch.bool)
+    for k in range(-64, 65):
+        b = b0 + k * ulp
+        apart = torch.round((p_separate + b) * inv_dst + zpf) != torch.round((p_combined + b) * inv_dst + zpf)
+        take = ok & apart & ~found
+        bias[take], found[take] = b[take], True
+    if not bool(found.any()):
+        return None
+    silence_quantized_deprecation()
+    probe = _empty_quantized_layer(base, relu)
+    weight = torch._make_per_channel_quantized_tensor(wi.to(torch.int8), w_scale.double(), torch.zeros(channels, dtype=torch.long), 0)
+    with engine_scope("onednn"):
+        probe.set_weight_bias(weight, bias)
+        probe.scale, probe.zero_point = s_out, zp_out
+        x = torch._make_per_tensor_quantized_tensor(xu.to(torch.uint8), s_in, zp_in)
+        with torch.inference_mode():
+            y = probe(x).int_repr().double()
+    kernel = y.transpose(0, 1).reshape(channels, -1).gather(1, where[:, None])[:, 0][found]
+    separate = torch.round((p_separate + bias) * inv_dst + zpf)[found].double()
+    combined = torch.round((p_combined + bias) * inv_dst + zpf)[found].double()
+    return kernel, separate, combined
+
+
+_TIE_RULES: dict[tuple[str, int, bool], tuple[bool, ...]] = {}
+
+
+def _pool_tie_rule(adaptive: bool, channels: int, channels_last: bool) -> tuple[bool, ...]:
+    """Per channel: does torch's quantized average pool add the zero point before rounding?
+
+    Measured on the kernel (the answer depends on its vector width, so on the machine):
+    a 2x2 window whose integer sum is 2 averages to exactly 0.5; with an odd zero point
+    ``round(0.5 + zp)`` and ``round(0.5) + zp`` differ.
+    """
+    key = ("adaptive" if adaptive else "avg", channels, channels_last)
+    if key not in _TIE_RULES:
+        zp = 1
+        q = torch.full((1, channels, 2, 2), zp, dtype=torch.uint8)
+        q[:, :, 0, :] += 1  # sum of (q - zp) over the window: 2
+        x = torch._make_per_tensor_quantized_tensor(q, 1.0, zp)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = F.adaptive_avg_pool2d(x, 1) if adaptive else F.avg_pool2d(x, 2)
+        _TIE_RULES[key] = tuple(bool(v) for v in (y.int_repr().flatten() == zp + 1).tolist())  # round(1.5) = 2
+    return _TIE_RULES[key]
+
+
+def _measure_kernels(lowering: _Lowering, gm: GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Finish the simulation's kernel arithmetic with what only the kernels can tell.
+
+    Average pools break ties by the memory format of their input (conv kernels return
+    channels-last tensors) and oneDNN applies scales in an order that depends on its
+    implementation for the shape: properties of the graph and the shapes, not of the
+    data, so one run on the example inputs (recording each input) and a probe per
+    layer find them.
+    """
+    watch = set(lowering.pools) | set(lowering.onednn_layers)
+    if not watch:
+        return
+    seen: dict[str, torch.Tensor] = {}
+
+    class _Record(torch.fx.Interpreter):
+        def run_node(self, n: Node) -> Any:
+            if n.name in watch and n.args and isinstance(n.args[0], Node):
+                x = self.env.get(n.args[0])
+                if isinstance(x, torch.Tensor) and x.is_quantized:
+                    seen[n.name] = x
+            return super().run_node(n)
+
+    with torch.inference_mode():
+        _Record(gm).run(*inputs)
+    for name, (fq, size) in lowering.pools.items():
+        x = seen.get(name)
+        if x is None or x.dim() != 4:
+            continue
+        node = next(n for n in gm.graph.nodes if n.name == name)
+        m = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        adaptive = isinstance(m, nn.AdaptiveAvgPool2d) or node.target is F.adaptive_avg_pool2d
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        fq.pool_rounding = PoolRounding(size, _pool_tie_rule(adaptive, x.shape[1], channels_last))
+    cache: dict[tuple[Any, ...], bool | None] = {}
+    for name, (q, relu) in lowering.onednn_layers.items():
+        x = seen.get(name)
+        if x is None or q.arithmetic is None:
+            continue
+        zps = (int(x.q_zero_point()), q.arithmetic.output.zero_point)
+        key = (repr(q.base), tuple(x.shape), relu, zps)
+        if key not in cache:
+            cache[key] = _onednn_combines_scales(q, relu, tuple(x.shape), zps)
+        if cache[key] is not None:
+            q.arithmetic = dataclasses.replace(q.arithmetic, combined_scales=cache[key])
+
+
 def lower_quantized(program: Program, *, engine: str | None = None) -> tuple[GraphModule, dict[str, Any]]:
     """The quantized-kernel graph of a simulated-int8 program, and what was lowered how.
 
@@ -394,6 +583,7 @@ def lower_quantized(program: Program, *, engine: str | None = None) -> tuple[Gra
     with engine_scope(engine):
         lowering = _Lowering(program.graph_module, engine)
         gm = lowering.run()
+        _measure_kernels(lowering, gm, program.example_inputs)
     stats = dict(lowering.stats, engine=engine, rederived=rederived, points=lowering.points)
     return gm, stats
 

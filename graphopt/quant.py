@@ -56,47 +56,51 @@ from graphopt.errors import DataError, PipelineError
 from graphopt.program import Program, delete_unused_submodules, flatten_outputs
 
 __all__ = [
-    "Scheme",
-    "Method",
-    "SCHEMES",
+    "CALIBRATION_KEY",
+    "META_KEY",
     "METHODS",
-    "QParams",
-    "Observer",
-    "calibrate",
-    "select_range",
-    "activation_qparams",
-    "weight_qparams",
+    "SCHEMES",
     "ActFakeQuant",
-    "WeightFakeQuant",
-    "QuantLayer",
+    "KernelArithmetic",
+    "LocalLoweringCheck",
+    "LoweringCheck",
+    "Method",
+    "Observer",
     "OpKind",
-    "op_kind",
+    "Placement",
+    "PoolRounding",
+    "QParams",
+    "QuantConfig",
+    "QuantLayer",
+    "Scheme",
+    "Sensitivity",
+    "WeightFakeQuant",
     "absorbable_activation",
+    "activation_qparams",
     "anchor_inputs",
     "anchor_name",
-    "QuantConfig",
-    "Placement",
     "anchors",
-    "resolve_names",
-    "place",
-    "strip",
-    "derive_qparams",
-    "rederive",
-    "quantize_program",
-    "summary",
-    "output_scales",
-    "quantization_error",
-    "lowering_error",
-    "LoweringCheck",
+    "calibrate",
     "check_lowering",
-    "LocalLoweringCheck",
     "check_lowering_local",
-    "verify_int8",
-    "Sensitivity",
+    "clear_kernel_arithmetic",
+    "derive_qparams",
     "keep_fp32_auto",
-    "META_KEY",
-    "CALIBRATION_KEY",
+    "lowering_error",
+    "op_kind",
+    "output_scales",
+    "place",
+    "pool_window",
+    "quantization_error",
+    "quantize_program",
+    "rederive",
+    "resolve_names",
+    "select_range",
     "silence_quantized_deprecation",
+    "strip",
+    "summary",
+    "verify_int8",
+    "weight_qparams",
 ]
 
 Scheme = Literal["u8", "s8"]
@@ -253,7 +257,7 @@ class Observer:
         self.hist = np.diff(new_cdf)
         self.lo, self.hi = lo, hi
 
-    def merge(self, other: "Observer") -> None:
+    def merge(self, other: Observer) -> None:
         if other.empty:
             return
         if self.empty:
@@ -275,7 +279,7 @@ class Observer:
         return head, torch.from_numpy(self.hist.copy())
 
     @classmethod
-    def from_tensors(cls, head: torch.Tensor, hist: torch.Tensor) -> "Observer":
+    def from_tensors(cls, head: torch.Tensor, hist: torch.Tensor) -> Observer:
         obs = cls(int(hist.numel()))
         obs.min, obs.max, obs.lo, obs.hi, count, zeros = (float(v) for v in head.tolist())
         obs.count, obs.zeros = int(count), int(zeros)
@@ -467,6 +471,8 @@ class ActFakeQuant(nn.Module):
         self.point = point
         self.inherit = inherit
         self.enabled = True
+        self.pool_rounding: PoolRounding | None = None  # set by a lowering (average pools)
+        self.quantize_rounding = False  # set by a lowering: round as torch.quantize_per_tensor does
         self.quant_min, self.quant_max = 0, 255
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
@@ -492,7 +498,28 @@ class ActFakeQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if self.pool_rounding is not None:
+            return self._pool_forward(x, self.pool_rounding)
+        if self.quantize_rounding:
+            # torch.quantize_per_tensor: round(fma(x, 1/scale, zero_point)), one float32
+            # rounding before the integer one (fake_quantize rounds x * (1/scale) first, and
+            # ties then break differently). float64 holds the fused product exactly.
+            inv = torch.tensor(1.0, dtype=torch.float32) / self.scale.float()
+            q = torch.round((x.double() * inv.double() + int(self.zero_point)).float())
+            q = q.clamp(self.quant_min, self.quant_max)
+            return (q - int(self.zero_point)) * self.scale.float()
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+
+    def _pool_forward(self, x: torch.Tensor, rounding: PoolRounding) -> torch.Tensor:
+        # x is the fp32 average of ``size`` values on this grid: recover the integer sum
+        # exactly (its float error is far below half a unit), then round as the kernel does.
+        scale, zp = float(self.scale), int(self.zero_point)
+        acc = torch.round(x.double() / scale * rounding.size)
+        mean = acc / rounding.size
+        first = torch.tensor(rounding.zero_point_first).view((-1,) + (1,) * (x.dim() - 2))
+        q = torch.where(first, torch.round(mean + zp), torch.round(mean) + zp)
+        q = q.clamp(self.quant_min, self.quant_max)
+        return (q - zp).float() * torch.tensor(scale, dtype=torch.float32)
 
     def extra_repr(self) -> str:
         src = f", inherit={self.inherit}" if self.inherit else ""
@@ -535,6 +562,43 @@ def _base(layer: nn.Module) -> nn.Module:
     return layer[0] if isinstance(layer, nni._FusedModule) else layer
 
 
+@dataclass(frozen=True)
+class KernelArithmetic:
+    """Which int8 kernel family computes a conv/linear, and its input and output qparams.
+
+    Set on a :class:`QuantLayer` by a lowering (:func:`set_kernel_arithmetic`) so that
+    the simulated program reproduces that backend's rounding exactly: with plain
+    fake-quantization the simulation differs from the kernel by one step on a few
+    elements per million (float32 accumulation order, rounding ties), and in deep nets
+    those flips compound into many output steps. ``kernel`` is ``fbgemm`` or ``onednn``
+    (measured bit-exact against torch's quantized conv/linear; see
+    ``tests/test_quant_arithmetic.py``).
+    """
+
+    kernel: Literal["fbgemm", "onednn"]
+    input: QParams
+    output: QParams
+    #: oneDNN only: multiply the accumulator by ``s_in * s_w`` (some implementations)
+    #: rather than by ``s_in`` and then ``s_w`` (others); the lowering measures which.
+    combined_scales: bool = False
+
+
+@dataclass(frozen=True)
+class PoolRounding:
+    """How a quantized average pool rounds: set by a lowering on its requantizer.
+
+    The kernels sum integers and divide by the window (``size`` elements); an exact
+    half is rounded to even, but some kernel paths add the zero point before rounding
+    and others after it, so ties land on different integers. ``zero_point_first`` holds
+    one flag per channel (torch's channels-last average pool vectorizes over channels
+    and leaves the remainder to a scalar loop that rounds the other way); the lowering
+    measures it on the kernel itself.
+    """
+
+    size: int
+    zero_point_first: tuple[bool, ...]
+
+
 class QuantLayer(nn.Module):
     """A conv/linear layer (possibly fused with ReLU) computing with fake-quantized weights."""
 
@@ -545,6 +609,7 @@ class QuantLayer(nn.Module):
         self.layer = layer
         self.weight_fq = WeightFakeQuant(_base(layer).weight, per_channel)
         self.enabled = True
+        self.arithmetic: KernelArithmetic | None = None  # set by a lowering: compute as its kernel does
 
     @property
     def base(self) -> nn.Module:
@@ -555,10 +620,50 @@ class QuantLayer(nn.Module):
         return isinstance(self.layer, nni._FusedModule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and self.arithmetic is not None:
+            return self.kernel_forward(x, self.arithmetic)
         base = self.base
         w = self.weight_fq(base.weight) if self.enabled else base.weight
         y = F.linear(x, w, base.bias) if isinstance(base, nn.Linear) else base._conv_forward(x, w, base.bias)
         return F.relu(y) if self.fused_relu else y
+
+    def kernel_forward(self, x: torch.Tensor, arith: KernelArithmetic) -> torch.Tensor:
+        """The layer as the int8 kernel computes it, bit for bit (see :class:`KernelArithmetic`).
+
+        ``x`` must be on the input grid (the output of the input's quantizer). The integer
+        products are accumulated exactly (float64 holds every int32 sum), then requantized
+        with the kernel's own float arithmetic; the result is on the output grid.
+        """
+        base = self.base
+        xi = torch.round(x.double() / arith.input.scale)  # q - zero_point, exactly
+        wq = self.weight_fq.quantize(base.weight)
+        wi = wq.int_repr().double()
+        acc = F.linear(xi, wi) if isinstance(base, nn.Linear) else base._conv_forward(xi, wi, None)
+        shape = (1, -1) + (1,) * (acc.dim() - 2) if acc.dim() > 1 else (-1,)
+        w_scale = (wq.q_per_channel_scales() if wq.qscheme() == torch.per_channel_affine
+                   else torch.tensor([wq.q_scale()], dtype=torch.float64)).view(shape)
+        bias = (base.bias.detach().float() if base.bias is not None else torch.zeros(w_scale.numel())).view(shape)
+        out = arith.output
+        if arith.kernel == "fbgemm":
+            # fbgemm requantization (float bias): (float(acc) + bias / (s_in*s_w)) * (s_in*s_w / s_out),
+            # every factor float32, rounded half to even; the zero point is added after rounding.
+            act_times_w = torch.tensor(arith.input.scale, dtype=torch.float32) * w_scale.float()
+            pre = (acc.float() + bias / act_times_w) * (act_times_w / torch.tensor(out.scale, dtype=torch.float32))
+            q = torch.round(pre) + out.zero_point
+        else:
+            # oneDNN through ideep: torch hands over reciprocal scales (1/s_in, 1/s_out as
+            # float32) and they are inverted again in float32; the source and weight scales
+            # are applied one after the other, then the bias, then 1/dst_scale; the zero point
+            # is added before rounding (so ties break differently from fbgemm).
+            one = torch.tensor(1.0, dtype=torch.float32)
+            src_scale = one / torch.tensor(1.0 / arith.input.scale, dtype=torch.float32)
+            inv_dst_scale = one / (one / torch.tensor(1.0 / out.scale, dtype=torch.float32))
+            scaled = acc.float() * (src_scale * w_scale.float()) if arith.combined_scales else (acc.float() * src_scale) * w_scale.float()
+            pre = (scaled + bias) * inv_dst_scale
+            q = torch.round(pre + torch.tensor(float(out.zero_point), dtype=torch.float32))
+        lo, hi = (0, 255) if out.dtype == torch.quint8 else (-128, 127)  # the kernel saturates to its dtype
+        q = q.clamp(out.zero_point if self.fused_relu else lo, hi)
+        return (q - out.zero_point) * torch.tensor(out.scale, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -894,9 +999,14 @@ def _act_quantizers(gm: GraphModule) -> list[tuple[str, ActFakeQuant]]:
 
 
 def derive_qparams(gm: GraphModule, scheme: str, method: str, *, reduce_range: bool = False) -> None:
-    """Set every activation quantizer's qparams from its recorded statistics (in place)."""
+    """Set every activation quantizer's qparams from its recorded statistics (in place).
+
+    Drops any kernel arithmetic a lowering set (:func:`clear_kernel_arithmetic`): it
+    was tied to the old qparams.
+    """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown activation scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+    clear_kernel_arithmetic(gm)
     fqs = _act_quantizers(gm)
     by_name = dict(fqs)
     for _, m in fqs:
@@ -909,6 +1019,45 @@ def derive_qparams(gm: GraphModule, scheme: str, method: str, *, reduce_range: b
         while src.inherit is not None and hops < len(fqs):
             src, hops = by_name[src.inherit], hops + 1
         m.set_qparams(src.qparams)
+
+
+def clear_kernel_arithmetic(gm: GraphModule) -> None:
+    """Back to plain fake-quantization: forget what a lowering set for its kernels."""
+    for m in gm.modules():
+        if isinstance(m, QuantLayer):
+            m.arithmetic = None
+        elif isinstance(m, ActFakeQuant):
+            m.pool_rounding = None
+            m.quantize_rounding = False
+
+
+def pool_window(gm: GraphModule, n: Node) -> int | None:
+    """Elements averaged per output of the average pool ``n``, when the same for every output.
+
+    None for anything else (or when the window varies: ceil mode, padding not counted,
+    adaptive pooling that does not divide the input).
+    """
+    shape = getattr(n.args[0].meta.get("tensor_meta"), "shape", None) if n.args and isinstance(n.args[0], Node) else None
+    m = _module(gm, n)
+    if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)) or n.target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
+        dims = 1 if isinstance(m, nn.AdaptiveAvgPool1d) or n.target is F.adaptive_avg_pool1d else 2
+        out = m.output_size if m is not None else (n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size"))
+        if shape is None or out is None:
+            return None
+        out = (out,) * dims if isinstance(out, int) else tuple(out)
+        size = 1
+        for i, o in zip(shape[-dims:], out):
+            o = i if o is None else o
+            if o <= 0 or i % o:
+                return None
+            size *= i // o
+        return size
+    if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)):
+        if m.ceil_mode or getattr(m, "divisor_override", None) or (not m.count_include_pad and m.padding not in (0, (0,), (0, 0))):
+            return None
+        k = m.kernel_size
+        return math.prod(k) if isinstance(k, (tuple, list)) else k ** (1 if isinstance(m, nn.AvgPool1d) else 2)
+    return None
 
 
 def rederive(program: Program, scheme: str, *, method: str | None = None, reduce_range: bool | None = None) -> None:
