@@ -64,7 +64,7 @@ from torch.fx import GraphModule, Node
 
 from graphopt.errors import ArtifactError, LoweringError, UsageError, choices
 from graphopt.program import InputSpec, Program
-from graphopt.quant import META_KEY, ActFakeQuant, QParams, QuantLayer
+from graphopt.quant import META_KEY, ActFakeQuant, QParams, QuantLayer, clear_kernel_arithmetic
 from graphopt.targets import Artifact, TargetSpec, register_target
 
 __all__ = [
@@ -694,6 +694,7 @@ def export_int8(program: Program, *, pin_fp32_layers: bool = True) -> tuple[byte
     if info is None:
         raise UsageError("ort-int8 lowers simulated-int8 programs: put insert-quant-stubs in the pipeline")
     scheme = info["config"]["activations"]
+    clear_kernel_arithmetic(program.graph_module)  # verified against plain fake-quantization (no ORT model of its own yet)
     gm, counts = _qdq_module(program.graph_module)
     example = tuple(t.detach() for t in program.example_inputs)
     names = [s.name for s in program.input_specs]

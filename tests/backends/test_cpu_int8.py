@@ -20,7 +20,7 @@ from graphopt import zoo
 from graphopt.errors import ArtifactError, UsageError
 from graphopt.pipeline import PassManager, parse_pipeline
 from graphopt.program import Program
-from graphopt.quant import check_lowering, check_lowering_local, lowering_error, quantization_error
+from graphopt.quant import check_lowering, check_lowering_local
 
 QUANTIZED_LAYERS = (nnq.Conv2d, nnq.Linear, nniq.ConvReLU2d, nniq.LinearReLU)
 
@@ -64,35 +64,35 @@ def test_target_is_registered(host):
 
 
 @pytest.mark.parametrize("name", zoo.names())
-def test_every_op_lowers_within_two_steps(compiled, name):
-    """Each quantized op of the lowering, fed the lowering's own inputs, is within 2 of its
-    output steps of the simulated op (in practice <= 1: ties round differently)."""
+def test_every_op_lowers_exactly(compiled, name):
+    """Each quantized op of the lowering, fed the lowering's own inputs, gives exactly the
+    simulated op's integers: the simulation reproduces the kernels' arithmetic."""
     _, program, artifact, samples = compiled(name)
     check = check_lowering_local(program, artifact.graph_module, artifact.points, samples[:1])
     assert check.ok, check.violations
     assert len(check.errors) == len(program.meta["quant"]["activations"])
-    assert max(check.errors.values()) <= 1.01
+    assert max(check.errors.values()) == 0, check.worst()
 
 
 @pytest.mark.parametrize("name", zoo.names())
-def test_end_to_end_lowering_error_is_far_below_quantization_error(compiled, name):
-    """End to end, single-step rounding differences compound through depth (a chaotic
-    deep net turns ties into a few output steps), but the lowering stays much closer to
-    the simulation than the simulation is to fp32 (in noise power: 7-25 dB here, asserted
-    >= 5 dB)."""
-    model, program, artifact, samples = compiled(name)
-    low = lowering_error(program.run, artifact.run, samples).metrics
-    quant = quantization_error(model, program.run, samples).metrics
-    assert low.sqnr_db >= quant.sqnr_db + 5, (low, quant)
-    assert low.cosine > 0.997
-
-
-@pytest.mark.parametrize("name", ["digits_cnn", "se_resnet"])
-def test_shallow_models_are_within_two_output_steps_end_to_end(compiled, name):
+def test_every_zoo_model_matches_the_simulation_end_to_end(compiled, name):
+    """The issue's bound is two output quantization steps end to end on every zoo model;
+    with the kernels' arithmetic simulated there is no rounding flip left to compound
+    through depth, so the outputs are identical (plain fake-quantization drifted by up to
+    18 steps on ShuffleNetV2)."""
     _, program, artifact, samples = compiled(name)
     check = check_lowering(program, artifact.run, samples)
     assert check.ok, check.violations
     assert check.bounds[0] == pytest.approx(2 * program.meta["quant"]["output_scales"][0])
+    assert check.max_abs_err == [0.0]
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2"])
+def test_end_to_end_exact_at_batch_4_and_another_size(host, name):
+    """Kernel paths change with the shape (oneDNN's implementation, pool vectorization)."""
+    _, program, artifact, samples = compile_zoo(host, name, size=72)
+    batch = [(torch.cat([s[0] for s in samples] * 2),)]
+    assert check_lowering(program, artifact.run, batch).max_abs_err == [0.0]
 
 
 @pytest.mark.parametrize("name", zoo.names())
@@ -137,6 +137,27 @@ def test_skipped_layer_is_an_fp32_island(host):
     assert fc.args[0].target is torch.dequantize
     assert check_lowering_local(program, gm, artifact.points, samples[:1]).ok
     assert program.meta["quant"]["output_scales"] == [None]  # no quantizer right before the output
+
+
+def test_linear_relu_lowers_to_fused_kernel(host, tmp_path):
+    """Linear followed by ReLU becomes quantized LinearReLU (and survives save/load)."""
+    from graphopt.compiler import load_artifact
+    from tests.conftest import program_of
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    program = program_of(model, (4, 32))
+    g = torch.Generator().manual_seed(1)
+    program.calibration = [(torch.randn(16, 32, generator=g),) for _ in range(2)]
+    spec = host.targets.get("cpu-int8")
+    PassManager(parse_pipeline(spec.pipeline, host.passes)).run(program)
+    artifact = spec.backend.lower(program, spec)
+    assert any(isinstance(m, nniq.LinearReLU) for m in artifact.graph_module.modules())
+    samples = [(torch.randn(4, 32, generator=g),) for _ in range(3)]
+    assert check_lowering(program, artifact.run, samples).max_abs_err == [0.0]
+    artifact.save(tmp_path / "a")
+    loaded = load_artifact(tmp_path / "a", host=host)
+    assert torch.equal(loaded.run(*samples[0]), artifact.run(*samples[0]))
 
 
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
@@ -191,7 +212,7 @@ def test_engines(host, engine):
         pytest.skip(f"{engine} not in this torch build")
     _, program, artifact, samples = compile_zoo(host, "digits_cnn", engine=engine)
     assert artifact.engine == engine
-    assert check_lowering(program, artifact.run, samples).ok
+    assert check_lowering(program, artifact.run, samples).max_abs_err == [0.0]
     assert check_lowering_local(program, artifact.graph_module, artifact.points, samples[:1]).ok
 
 

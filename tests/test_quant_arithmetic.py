@@ -1,0 +1,131 @@
+"""The simulation computes what torch's quantized CPU kernels compute, bit for bit.
+
+Rounding differences between the simulation and a kernel are rare (one element in a
+million: a tie, or a float32 product one ulp apart), so every test here runs about a
+million outputs through the kernel and demands identical integers; each also checks that
+the plain fake-quantization it replaces does *not* match on the same data, so a test
+cannot pass by being too small to see a tie.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.ao.nn.intrinsic as nni
+import torch.nn.functional as F
+from torch import nn
+
+from graphopt.backends.cpu_int8 import _onednn_combines_scales, _pool_tie_rule, _quantized_layer, engine_scope
+from graphopt.quant import ActFakeQuant, KernelArithmetic, PoolRounding, QParams, QuantLayer, silence_quantized_deprecation
+
+ENGINES = [e for e in ("fbgemm", "onednn") if e in torch.backends.quantized.supported_engines]
+
+LAYERS = {
+    "conv3x3": lambda: nn.Conv2d(32, 64, 3, padding=1),
+    "conv1x1": lambda: nn.Conv2d(64, 64, 1),
+    "conv3x3-relu": lambda: nni.ConvReLU2d(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU()),
+    "grouped": lambda: nn.Conv2d(32, 64, 3, padding=1, groups=4),
+    "depthwise": lambda: nn.Conv2d(64, 64, 3, padding=1, groups=64),
+    "linear": lambda: nn.Linear(256, 512),
+}
+
+
+def _input(layer: nn.Module, g: torch.Generator) -> torch.Tensor:
+    base = layer[0] if isinstance(layer, nni._FusedModule) else layer
+    if isinstance(base, nn.Linear):
+        return torch.randn(2048, base.in_features, generator=g)
+    return torch.randn(4, base.in_channels, 48, 48, generator=g)
+
+
+def _simulated_and_kernel(name: str, engine: str, seed: int = 0):
+    """(kernel ints, simulated ints, plain fake-quant ints) for one layer on random data."""
+    silence_quantized_deprecation()
+    g = torch.Generator().manual_seed(seed)
+    layer = LAYERS[name]()
+    base = layer[0] if isinstance(layer, nni._FusedModule) else layer
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(base.weight.shape, generator=g) * 0.1)
+        base.bias.copy_(torch.randn(base.bias.shape, generator=g))
+    q = QuantLayer(layer)
+    qin, qout = QParams(0.021, 117, 0, 255), QParams(0.043, 93, 0, 255)
+    x = _input(layer, g)
+    xq = torch.quantize_per_tensor(x, qin.scale, qin.zero_point, torch.quint8)
+    kernel_layer = _quantized_layer(q, q.fused_relu, qout, engine)
+    kernel = kernel_layer.pack_engine
+    with engine_scope(kernel), torch.inference_mode():
+        y = kernel_layer(xq).int_repr().long()
+    combined = False
+    if kernel == "onednn":
+        combined = bool(_onednn_combines_scales(q, q.fused_relu, tuple(x.shape), (qin.zero_point, qout.zero_point)))
+    arith = KernelArithmetic(kernel, qin, qout, combined)
+    with torch.inference_mode():
+        sim = q.kernel_forward(xq.dequantize(), arith)
+        plain = torch.fake_quantize_per_tensor_affine(q(xq.dequantize()), qout.scale, qout.zero_point, 0, 255)
+    to_int = lambda t: (torch.round(t / qout.scale) + qout.zero_point).long()  # noqa: E731
+    return kernel, y, to_int(sim), to_int(plain)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_conv_and_linear_match_the_kernel_exactly(name, engine):
+    kernel, y, sim, plain = _simulated_and_kernel(name, engine)
+    if name == "depthwise":
+        assert kernel == "onednn"  # fbgemm's depthwise kernel saturates 16-bit pair sums
+    assert y.numel() >= 500_000
+    assert torch.equal(sim, y), f"{int((sim != y).sum())} of {y.numel()} differ ({kernel})"
+    if name != "depthwise":  # 9-term float32 sums are nearly exact: plain fake-quant rarely misses there
+        assert not torch.equal(plain, y), "plain fake-quantization matched: the data has no tie to tell them apart"
+
+
+def test_onednn_scale_order_probe_decides():
+    """oneDNN multiplies by s_in*s_w in some implementations and by s_in, then s_w, in
+    others (which one depends on the shape and even the thread count: measured, here
+    3x3 combines with any thread count); the probe must reach a verdict on common shapes."""
+    if "onednn" not in ENGINES:
+        pytest.skip("no oneDNN in this torch build")
+    conv3 = QuantLayer(nn.Conv2d(32, 32, 3, padding=1))
+    conv1 = QuantLayer(nn.Conv2d(64, 128, 1))
+    assert _onednn_combines_scales(conv3, False, (1, 32, 16, 16), (0, 0)) is True
+    assert _onednn_combines_scales(conv1, False, (1, 64, 8, 8), (0, 0)) in (True, False)
+    assert _onednn_combines_scales(conv1, False, (1, 64, 8, 8), (5, 129)) in (True, False)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_average_pools_break_ties_like_the_kernel(adaptive, channels_last):
+    """40 channels: torch's channels-last pool vectorizes some and loops over the rest,
+    and the two paths put the zero point on different sides of the rounding."""
+    silence_quantized_deprecation()
+    g = torch.Generator().manual_seed(0)
+    scale, zp, channels = 0.031, 135, 40  # an odd zero point: ties land on different integers
+    xq = torch.quantize_per_tensor(torch.randn(8, channels, 16, 16, generator=g) * 0.5, scale, zp, torch.quint8)
+    if channels_last:
+        xq = xq.contiguous(memory_format=torch.channels_last)
+    if adaptive:
+        y, size, pool = F.adaptive_avg_pool2d(xq, 2), 64, lambda t: F.adaptive_avg_pool2d(t, 2)
+    else:
+        y, size, pool = F.avg_pool2d(xq, 2), 4, lambda t: F.avg_pool2d(t, 2)
+    fq = ActFakeQuant("pool")
+    fq.set_qparams(QParams(scale, zp, 0, 255))
+    plain = fq(pool(xq.dequantize()))
+    fq.pool_rounding = PoolRounding(size, _pool_tie_rule(adaptive, channels, channels_last))
+    sim = fq(pool(xq.dequantize()))
+    to_int = lambda t: (torch.round(t / scale) + zp).long()  # noqa: E731
+    k = y.int_repr().long()
+    assert torch.equal(to_int(sim), k), f"{int((to_int(sim) != k).sum())} differ"
+    assert not torch.equal(to_int(plain), k)
+
+
+def test_entry_quantizer_rounds_like_quantize_per_tensor():
+    g = torch.Generator().manual_seed(0)
+    scale, zp = float(torch.tensor(0.0273, dtype=torch.float32)), 117
+    k = torch.randint(-100, 100, (1 << 18,), generator=g).float()
+    x = torch.cat([torch.randn(1 << 18, generator=g), (k + 0.5) * scale])  # exact ties included
+    fq = ActFakeQuant("x")
+    fq.set_qparams(QParams(scale, zp, 0, 255))
+    plain = fq(x)
+    fq.quantize_rounding = True
+    sim = fq(x)
+    y = torch.quantize_per_tensor(x, scale, zp, torch.quint8).dequantize()
+    assert torch.equal(sim, y)
+    assert not torch.equal(plain, y)
