@@ -563,6 +563,50 @@ def _measure_kernels(lowering: _Lowering, gm: GraphModule, inputs: tuple[torch.T
             q.arithmetic = dataclasses.replace(q.arithmetic, combined_scales=cache[key])
 
 
+_BINARY_KERNELS = {torch.ops.quantized.add, torch.ops.quantized.add_relu, torch.ops.quantized.mul, torch.ops.quantized.mul_relu}
+
+
+def _mark_binary_inputs(sim: GraphModule, lowered: GraphModule) -> None:
+    """Quantizers read by quantized add/mul hand on the value those kernels dequantize.
+
+    The kernels read their inputs as ``fma(q, scale, -zp * scale)``, one float32 ulp
+    away from ``(q - zp) * scale`` at times, which decides a tie in the sum now and then.
+    Only where every other reader does not care (conv/linear and average pools recover
+    the integers; a plain passthrough keeps them): an fp32 reader sees torch's
+    ``dequantize``, which is the plain product.
+    """
+    binary = {n.name for n in lowered.graph.nodes if n.op == "call_function" and n.target in _BINARY_KERNELS}
+    for n in sim.graph.nodes:
+        fq = _fq(sim, n)
+        if fq is None or not fq.enabled:
+            continue
+        readers: list[Node] = []
+        frontier = list(n.users)
+        while frontier:
+            u = frontier.pop()
+            if op_kind(sim, u) is OpKind.PASSTHROUGH:  # relu, max pool, flatten...: same integers, same form
+                frontier.extend(u.users)
+            else:
+                readers.append(u)
+        fused = [u for u in readers if u.name in binary]
+        indifferent = [u for u in readers if u.name not in binary and _reads_integers(sim, u)]
+        fq.dequantize_fma = bool(fused) and len(fused) + len(indifferent) == len(readers)
+
+
+def _reads_integers(sim: GraphModule, n: Node) -> bool:
+    """Does ``n`` (in the simulated graph) recover the integers of its quantized input?"""
+    if n.op == "call_module":
+        m = sim.get_submodule(str(n.target))
+        if isinstance(m, QuantLayer):
+            return m.arithmetic is not None
+        if isinstance(m, ActFakeQuant):
+            return not m.quantize_rounding and m.pool_rounding is None  # same qparams: rounds back
+    if op_kind(sim, n) is OpKind.REQUANT and len(n.users) == 1:
+        fq = _fq(sim, next(iter(n.users)))
+        return fq is not None and fq.pool_rounding is not None
+    return False
+
+
 def lower_quantized(program: Program, *, engine: str | None = None) -> tuple[GraphModule, dict[str, Any]]:
     """The quantized-kernel graph of a simulated-int8 program, and what was lowered how.
 
@@ -587,6 +631,7 @@ def lower_quantized(program: Program, *, engine: str | None = None) -> tuple[Gra
         lowering = _Lowering(program.graph_module, engine)
         gm = lowering.run()
         _measure_kernels(lowering, gm, program.example_inputs)
+        _mark_binary_inputs(program.graph_module, gm)
     stats = dict(lowering.stats, engine=engine, rederived=rederived, points=lowering.points, exact_simulation=True)
     return gm, stats
 

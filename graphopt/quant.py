@@ -473,6 +473,7 @@ class ActFakeQuant(nn.Module):
         self.enabled = True
         self.pool_rounding: PoolRounding | None = None  # set by a lowering (average pools)
         self.quantize_rounding = False  # set by a lowering: round as torch.quantize_per_tensor does
+        self.dequantize_fma = False  # set by a lowering: the value as quantized add/mul read it
         self.quant_min, self.quant_max = 0, 255
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
@@ -498,28 +499,37 @@ class ActFakeQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if self.pool_rounding is None and not self.quantize_rounding and not self.dequantize_fma:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        scale, zp = self.scale.float(), int(self.zero_point)
         if self.pool_rounding is not None:
-            return self._pool_forward(x, self.pool_rounding)
-        if self.quantize_rounding:
+            q = self._pool_round(x, self.pool_rounding)
+        elif self.quantize_rounding:
             # torch.quantize_per_tensor: round(fma(x, 1/scale, zero_point)), one float32
             # rounding before the integer one (fake_quantize rounds x * (1/scale) first, and
             # ties then break differently). float64 holds the fused product exactly.
-            inv = torch.tensor(1.0, dtype=torch.float32) / self.scale.float()
-            q = torch.round((x.double() * inv.double() + int(self.zero_point)).float())
-            q = q.clamp(self.quant_min, self.quant_max)
-            return (q - int(self.zero_point)) * self.scale.float()
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+            inv = torch.tensor(1.0, dtype=torch.float32) / scale
+            q = torch.round((x.double() * inv.double() + zp).float())
+        else:
+            q = torch.round(x * (torch.tensor(1.0, dtype=torch.float32) / scale)) + zp  # as fake_quantize
+        return self.dequantize(q.clamp(self.quant_min, self.quant_max))
 
-    def _pool_forward(self, x: torch.Tensor, rounding: PoolRounding) -> torch.Tensor:
+    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        """The fp32 value this quantizer hands on for the integers ``q`` (a float tensor)."""
+        scale, zp = self.scale.float(), int(self.zero_point)
+        if self.dequantize_fma:
+            # as torch's quantized add/mul dequantize their inputs: fma(q, scale, -zp * scale)
+            return (q.double() * scale.double() + float(scale * -zp)).float()
+        return (q - zp) * scale
+
+    def _pool_round(self, x: torch.Tensor, rounding: PoolRounding) -> torch.Tensor:
         # x is the fp32 average of ``size`` values on this grid: recover the integer sum
         # exactly (its float error is far below half a unit), then round as the kernel does.
         scale, zp = float(self.scale), int(self.zero_point)
         acc = torch.round(x.double() / scale * rounding.size)
         mean = acc / rounding.size
         first = torch.tensor(rounding.zero_point_first).view((-1,) + (1,) * (x.dim() - 2))
-        q = torch.where(first, torch.round(mean + zp), torch.round(mean) + zp)
-        q = q.clamp(self.quant_min, self.quant_max)
-        return (q - zp).float() * torch.tensor(scale, dtype=torch.float32)
+        return torch.where(first, torch.round(mean + zp), torch.round(mean) + zp).float()
 
     def extra_repr(self) -> str:
         src = f", inherit={self.inherit}" if self.inherit else ""
@@ -1029,6 +1039,7 @@ def clear_kernel_arithmetic(gm: GraphModule) -> None:
         elif isinstance(m, ActFakeQuant):
             m.pool_rounding = None
             m.quantize_rounding = False
+            m.dequantize_fma = False
 
 
 def pool_window(gm: GraphModule, n: Node) -> int | None:
@@ -1295,7 +1306,7 @@ def check_lowering_local(
                 low = recorded.get(points.get(n.name, ""))
                 if isinstance(low, torch.Tensor) and low.is_quantized and isinstance(out, torch.Tensor):
                     fq = sim.get_submodule(str(n.target))
-                    low = low.dequantize()
+                    low = fq.dequantize(low.int_repr().float())  # in the form the simulated op hands on
                     err = float((out - low).abs().max()) / fq.qparams.scale if out.numel() else 0.0
                     errors[n.name] = max(errors.get(n.name, 0.0), err)
                     return low

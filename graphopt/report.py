@@ -137,6 +137,12 @@ class Report:
             local = split.get("lowering_local") or {}
             worst = max((w[1] for w in local.get("worst", [])), default=None)
             per_op = f", worst op {worst:g} quantization steps" if worst is not None else ""
+            e2e = split.get("lowering_check") or {}
+            steps = [e / b * e2e["steps"] for e, b in zip(e2e.get("max_abs_err", []), e2e.get("bounds", [])) if b]
+            if steps:
+                per_op += f", output {max(steps):g} steps"
+            if split.get("exact_simulation"):
+                per_op += " (bit-exact simulation)" if lo["max_abs_err"] == 0 else " (simulation mirrors the kernels)"
             lines.append(
                 f"  quantization error (simulated int8 vs the fp32 program before it): cosine {q['cosine']:.6f}, sqnr {q['sqnr_db']:.1f} dB, "
                 f"max_abs_err {q['max_abs_err']:.3g}"
