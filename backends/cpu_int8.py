@@ -230,6 +230,8 @@ class _Lowering:
         self.points: dict[str, str] = {}  # simulated quantizer node -> lowered node with the same value
         self.pools: dict[str, tuple[ActFakeQuant, int]] = {}  # lowered avg pool -> its simulated requantizer, window
         self.onednn_layers: dict[str, tuple[QuantLayer, bool]] = {}  # lowered oneDNN conv/linear -> simulated layer, relu
+        self.arithmetic_set: set[str] = set()  # simulated layers given their kernel's arithmetic
+        self.inexact: set[str] = set()  # ... that could not be (shared by calls with other qparams)
         self.stats = {"quantized_layers": 0, "quantized_ops": 0, "float_ops": 0, "quantize": 0, "dequantize": 0,
                       "float_layers": []}
 
@@ -374,9 +376,14 @@ class _Lowering:
             relu = relu or q.fused_relu
             name = self.module_name(str(n.target))
             self.root[name] = _quantized_layer(q, relu, qp, self.engine)
-            q.arithmetic = KernelArithmetic(self.root[name].pack_engine, self.qp[n.args[0]], qp)
+            arith = KernelArithmetic(self.root[name].pack_engine, self.qp[n.args[0]], qp)
             new = self.graph.create_node("call_module", name, (self.env[n.args[0]],), name=n.name)
-            if q.arithmetic.kernel == "onednn":
+            if str(n.target) in self.arithmetic_set and q.arithmetic != arith:
+                # one layer called twice with other qparams: a single arithmetic cannot describe both
+                self.inexact.add(str(n.target))
+            self.arithmetic_set.add(str(n.target))
+            q.arithmetic = None if str(n.target) in self.inexact else arith
+            if q.arithmetic is not None and arith.kernel == "onednn":
                 self.onednn_layers[new.name] = (q, relu)
             self.stats["quantized_layers"] += 1
         elif n.op == "call_module":  # BatchNorm2d
@@ -632,7 +639,8 @@ def lower_quantized(program: Program, *, engine: str | None = None) -> tuple[Gra
         gm = lowering.run()
         _measure_kernels(lowering, gm, program.example_inputs)
         _mark_binary_inputs(program.graph_module, gm)
-    stats = dict(lowering.stats, engine=engine, rederived=rederived, points=lowering.points, exact_simulation=True)
+    stats = dict(lowering.stats, engine=engine, rederived=rederived, points=lowering.points,
+                 exact_simulation=not lowering.inexact)
     return gm, stats
 
 

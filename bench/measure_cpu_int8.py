@@ -4,15 +4,16 @@
 
 The torch.ao FX flow (prepare_fx/convert_fx with the x86 and fbgemm default qconfig
 mappings) is the reference to beat; it is used here only, never inside graphopt. Each
-variant is timed at batch 1 on the same input, interleaved round by round so that
-machine noise hits all alike; the medians are printed (ms) and the ratio
-cpu-int8 / best torch.ao config.
+variant is timed at --batch (default 1) on the same input, interleaved round by round
+(in a fresh random order each round) so that machine noise and cache state hit all alike; the
+medians are printed (ms) and the ratios cpu-int8 / torch.ao, best of each and per engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import tempfile
 import time
@@ -64,14 +65,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--calib", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
     from graphopt import zoo
 
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, engines {torch.backends.quantized.supported_engines}")
     for name in args.models.split(","):
-        x = torch.randn(1, 3, args.size, args.size)
-        calib = [torch.randn(1, 3, args.size, args.size) for _ in range(args.calib)]
+        x = torch.randn(args.batch, 3, args.size, args.size)
+        calib = [torch.randn(args.batch, 3, args.size, args.size) for _ in range(args.calib)]
         eager = zoo.build(name)
         variants: dict[str, tuple[object, str]] = {"eager fp32": (eager, torch.backends.quantized.engine)}
         for engine in ("x86", "fbgemm"):
@@ -84,19 +86,27 @@ def main() -> None:
                 torch.backends.quantized.engine = engine
                 for _ in range(5):
                     fn(x)
+            keys, order = list(variants), random.Random(0)
             for _ in range(args.runs):
-                for key, (fn, engine) in variants.items():
+                # a fresh order each round: whatever runs right after eager fp32 finds the caches
+                # full of its 47-100 MB of weights (a fixed or rotated order always puts the same
+                # variant there, and cost cpu-int8 x86 7-10% on ResNet-18 in such runs)
+                order.shuffle(keys)
+                for key in keys:
+                    fn, engine = variants[key]
                     torch.backends.quantized.engine = engine
                     t0 = time.perf_counter()
                     fn(x)
                     times[key].append((time.perf_counter() - t0) * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"\n{name} 1x3x{args.size}x{args.size}, median of {args.runs} runs (ms)")
+        print(f"\n{name} {args.batch}x3x{args.size}x{args.size}, median of {args.runs} runs (ms)")
         for k, v in med.items():
             print(f"  {k:22s} {v:8.2f}")
         best_ref = min(v for k, v in med.items() if k.startswith("torch.ao"))
         best_ours = min(v for k, v in med.items() if k.startswith("cpu-int8"))
-        print(f"  cpu-int8 best / torch.ao best = {best_ours / best_ref:.3f}; speed-up vs eager fp32 = {med['eager fp32'] / best_ours:.2f}x")
+        same = ", ".join(f"{e} {med[f'cpu-int8 ({e})'] / med[f'torch.ao fx ({e})']:.3f}" for e in ("x86", "fbgemm"))
+        print(f"  cpu-int8 best / torch.ao best = {best_ours / best_ref:.3f} (same engine: {same}); "
+              f"speed-up vs eager fp32 = {med['eager fp32'] / best_ours:.2f}x")
 
 
 if __name__ == "__main__":

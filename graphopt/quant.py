@@ -30,6 +30,16 @@ qparams). Everything else runs in fp32.
 Verification splits the error in two: :func:`quantization_error` (simulated vs fp32)
 and :func:`lowering_error` (backend vs simulated); :func:`check_lowering` holds the
 latter to a number of output quantization steps.
+
+Plain fake-quantization is one step away from a real kernel on a few elements per
+million (float32 accumulation order, ties rounded with the zero point on one side or the
+other), and in deep nets those flips compound. So a lowering may tell the simulation how
+its kernels compute: :class:`KernelArithmetic` on a :class:`QuantLayer` (exact integer
+accumulation, then fbgemm's or oneDNN's requantization), and on an
+:class:`ActFakeQuant` ``pool_rounding`` (:class:`PoolRounding`), ``quantize_rounding``
+(as ``quantize_per_tensor``) and ``dequantize_fma`` (its value as quantized add/mul read
+it). cpu-int8 sets them all and its artifacts then match the simulation bit for bit;
+:func:`derive_qparams` and :func:`clear_kernel_arithmetic` drop them.
 """
 
 from __future__ import annotations

@@ -139,6 +139,33 @@ def test_skipped_layer_is_an_fp32_island(host):
     assert program.meta["quant"]["output_scales"] == [None]  # no quantizer right before the output
 
 
+def test_layer_called_twice_is_not_claimed_exact(host):
+    """One conv module called on two differently quantized inputs: a single kernel
+    arithmetic cannot describe both calls, so the lowering does not claim a bit-exact
+    simulation (and the compile falls back to the per-op gate)."""
+    from tests.conftest import program_of
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.conv(x)) * 3.0)
+
+    torch.manual_seed(0)
+    program = program_of(Twice(), (1, 8, 12, 12))
+    g = torch.Generator().manual_seed(1)
+    program.calibration = [(torch.randn(2, 8, 12, 12, generator=g),) for _ in range(2)]
+    spec = host.targets.get("cpu-int8")
+    PassManager(parse_pipeline(spec.pipeline, host.passes)).run(program)
+    artifact = spec.backend.lower(program, spec)
+    assert artifact.exact_simulation is False
+    assert program.graph_module.get_submodule("conv").arithmetic is None
+    samples = [(torch.randn(1, 8, 12, 12, generator=g),)]
+    assert check_lowering_local(program, artifact.graph_module, artifact.points, samples).ok
+
+
 def test_linear_relu_lowers_to_fused_kernel(host, tmp_path):
     """Linear followed by ReLU becomes quantized LinearReLU (and survives save/load)."""
     from graphopt.compiler import load_artifact
