@@ -13,10 +13,22 @@ import pytest
 import torch
 import torch.ao.nn.intrinsic as nni
 import torch.nn.functional as F
+from graphopt.backends.cpu_int8 import (
+    _onednn_combines_scales,
+    _pool_tie_rule,
+    _quantized_layer,
+    engine_scope,
+)
 from torch import nn
 
-from graphopt.backends.cpu_int8 import _onednn_combines_scales, _pool_tie_rule, _quantized_layer, engine_scope
-from graphopt.quant import ActFakeQuant, KernelArithmetic, PoolRounding, QParams, QuantLayer, silence_quantized_deprecation
+from graphopt.quant import (
+    ActFakeQuant,
+    KernelArithmetic,
+    PoolRounding,
+    QParams,
+    QuantLayer,
+    silence_quantized_deprecation,
+)
 
 ENGINES = [e for e in ("fbgemm", "onednn") if e in torch.backends.quantized.supported_engines]
 
@@ -61,7 +73,7 @@ def _simulated_and_kernel(name: str, engine: str, seed: int = 0):
     with torch.inference_mode():
         sim = q.kernel_forward(xq.dequantize(), arith)
         plain = torch.fake_quantize_per_tensor_affine(q(xq.dequantize()), qout.scale, qout.zero_point, 0, 255)
-    to_int = lambda t: (torch.round(t / qout.scale) + qout.zero_point).long()  # noqa: E731
+    to_int = lambda t: (torch.round(t / qout.scale) + qout.zero_point).long()
     return kernel, y, to_int(sim), to_int(plain)
 
 
@@ -110,7 +122,7 @@ def test_average_pools_break_ties_like_the_kernel(adaptive, channels_last):
     plain = fq(pool(xq.dequantize()))
     fq.pool_rounding = PoolRounding(size, _pool_tie_rule(adaptive, channels, channels_last))
     sim = fq(pool(xq.dequantize()))
-    to_int = lambda t: (torch.round(t / scale) + zp).long()  # noqa: E731
+    to_int = lambda t: (torch.round(t / scale) + zp).long()
     k = y.int_repr().long()
     assert torch.equal(to_int(sim), k), f"{int((to_int(sim) != k).sum())} differ"
     assert not torch.equal(to_int(plain), k)
