@@ -21,20 +21,14 @@ import torch
 
 from graphopt.data import Sample, is_callable_source
 from graphopt.errors import UsageError, VerificationError, choices
-from graphopt.pipeline import (
-    Instrument,
-    PassInvocation,
-    PassManager,
-    PassRecord,
-    parse_pipeline,
-)
+from graphopt.pipeline import Instrument, PassInvocation, PassManager, PassRecord, parse_pipeline
 from graphopt.plugins import PluginHost, default_host
 from graphopt.program import Program
 from graphopt.report import Report, Verification
 from graphopt.targets import Artifact, TargetSpec, read_manifest
 from graphopt.verify import Tolerance, compare, default_tolerance
 
-__all__ = ["CompileResult", "compile", "default_output_dir", "host_with", "load_artifact", "measure_latency_ms", "run_all"]
+__all__ = ["compile", "CompileResult", "load_artifact", "host_with", "measure_latency_ms", "run_all", "default_output_dir"]
 
 
 @dataclass
