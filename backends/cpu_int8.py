@@ -232,6 +232,9 @@ class _Lowering:
         self.onednn_layers: dict[str, tuple[QuantLayer, bool]] = {}  # lowered oneDNN conv/linear -> simulated layer, relu
         self.arithmetic_set: set[str] = set()  # simulated layers given their kernel's arithmetic
         self.inexact: set[str] = set()  # ... that could not be (shared by calls with other qparams)
+        self.unmodelled: list[str] = []  # quantized ops whose rounding the simulation does not reproduce
+        self.requant_cats: dict[str, ActFakeQuant] = {}  # lowered cat requantizing its inputs -> its output quantizer
+        self.fused_dequantize: set[str] = set()  # lowered ops reading inputs as fma(q, s, -zp*s)
         self.stats = {"quantized_layers": 0, "quantized_ops": 0, "float_ops": 0, "quantize": 0, "dequantize": 0,
                       "float_layers": []}
 
@@ -340,10 +343,17 @@ class _Lowering:
             size = pool_window(self.sim, n) if kind is OpKind.REQUANT else None
             if size is not None and len(n.users) == 1 and _fq(self.sim, next(iter(n.users))) is not None:
                 self.pools[new.name] = (_fq(self.sim, next(iter(n.users))), size)
+            elif kind is OpKind.REQUANT and not self._clamps(n):
+                self.unmodelled.append(n.name)  # a mean or a pool with uneven windows
             self.qp[n] = self.qp[first] if kind is not OpKind.SHAPE else None
             self.stats["quantized_ops"] += kind is not OpKind.SHAPE
             return
         self.lower_float(n)
+
+    def _clamps(self, n: Node) -> bool:
+        """ReLU6/hardtanh: a clamp on the integers, exact in the simulation."""
+        m = self.sim.get_submodule(str(n.target)) if n.op == "call_module" else None
+        return isinstance(m, (nn.ReLU6, nn.Hardtanh)) or n.target in (F.relu6, F.hardtanh)
 
     def lower_float(self, n: Node) -> None:
         if n.op == "call_module" and isinstance(self.sim.get_submodule(str(n.target)), QuantLayer):
@@ -389,6 +399,7 @@ class _Lowering:
         elif n.op == "call_module":  # BatchNorm2d
             name = self.module_name(str(n.target))
             self.root[name] = _quantized_bn(self.sim.get_submodule(str(n.target)), relu, qp)
+            self.unmodelled.append(n.name)
             new = self.graph.create_node("call_module", name, (self.env[n.args[0]],), name=n.name)
             self.stats["quantized_ops"] += 1
         elif n.op == "call_function" and n.target in _CAT_FNS:
@@ -396,6 +407,8 @@ class _Lowering:
             dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
             new = self.graph.create_node("call_function", torch.ops.quantized.cat,
                                          ([self.env[a] for a in tensors], dim, qp.scale, qp.zero_point), name=n.name)
+            if not all(_same(self.qp.get(a), qp) for a in tensors):
+                self.requant_cats[new.name] = fq  # requantizes its inputs (a copy otherwise)
             if relu:
                 new = self.graph.call_function(torch.relu, (new,))
             self.stats["quantized_ops"] += 1
@@ -534,9 +547,10 @@ def _measure_kernels(lowering: _Lowering, gm: GraphModule, inputs: tuple[torch.T
     layer find them.
     """
     watch = set(lowering.pools) | set(lowering.onednn_layers)
-    if not watch:
+    if not watch and not lowering.requant_cats:
         return
     seen: dict[str, torch.Tensor] = {}
+    cat_layout: dict[str, bool] = {}  # True: the channels-last fast path
 
     class _Record(torch.fx.Interpreter):
         def run_node(self, n: Node) -> Any:
@@ -544,6 +558,10 @@ def _measure_kernels(lowering: _Lowering, gm: GraphModule, inputs: tuple[torch.T
                 x = self.env.get(n.args[0])
                 if isinstance(x, torch.Tensor) and x.is_quantized:
                     seen[n.name] = x
+            if n.name in lowering.requant_cats:  # torch's fast path: 4-d channels-last inputs joined on channels
+                xs = [self.env.get(a) for a in n.args[0]]
+                cat_layout[n.name] = n.args[1] % 4 == 1 and all(
+                    x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) for x in xs)
             return super().run_node(n)
 
     with torch.inference_mode():
@@ -557,6 +575,17 @@ def _measure_kernels(lowering: _Lowering, gm: GraphModule, inputs: tuple[torch.T
         adaptive = isinstance(m, nn.AdaptiveAvgPool2d) or node.target is F.adaptive_avg_pool2d
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         fq.pool_rounding = PoolRounding(size, _pool_tie_rule(adaptive, x.shape[1], channels_last))
+    # quantized::cat requantizes like quantized::add on its channels-last fast path (reads
+    # the inputs fused, rounds x * (1/s), then adds the zero point) and otherwise like
+    # dequantize + quantize_per_tensor (reads them plainly, rounds fma(x, 1/s, zp)):
+    # measured, see tests/test_quant_arithmetic.py
+    for name, fq in lowering.requant_cats.items():
+        if name not in cat_layout:
+            lowering.unmodelled.append(name)
+        elif cat_layout[name]:
+            lowering.fused_dequantize.add(name)
+        else:
+            fq.quantize_rounding = True
     cache: dict[tuple[Any, ...], bool | None] = {}
     for name, (q, relu) in lowering.onednn_layers.items():
         x = seen.get(name)
@@ -570,19 +599,21 @@ def _measure_kernels(lowering: _Lowering, gm: GraphModule, inputs: tuple[torch.T
             q.arithmetic = dataclasses.replace(q.arithmetic, combined_scales=cache[key])
 
 
-_BINARY_KERNELS = {torch.ops.quantized.add, torch.ops.quantized.add_relu, torch.ops.quantized.mul, torch.ops.quantized.mul_relu}
+_ADD_KERNELS = {torch.ops.quantized.add, torch.ops.quantized.add_relu}
 
 
-def _mark_binary_inputs(sim: GraphModule, lowered: GraphModule) -> None:
-    """Quantizers read by quantized add/mul hand on the value those kernels dequantize.
+def _mark_fused_inputs(sim: GraphModule, lowered: GraphModule, fused_ops: set[str]) -> list[str]:
+    """Quantizers read by quantized add (and channels-last cat) hand on the value it reads.
 
-    The kernels read their inputs as ``fma(q, scale, -zp * scale)``, one float32 ulp
-    away from ``(q - zp) * scale`` at times, which decides a tie in the sum now and then.
-    Only where every other reader does not care (conv/linear and average pools recover
-    the integers; a plain passthrough keeps them): an fp32 reader sees torch's
-    ``dequantize``, which is the plain product.
+    ``quantized::add`` reads its inputs as ``fma(q, scale, -zp * scale)``, one float32
+    ulp away from ``(q - zp) * scale`` at times, which decides a tie in the sum now and
+    then (``quantized::mul`` and fp32 readers see the plain product). A quantizer gets
+    the fused form where every other reader does not care (conv/linear and average pools
+    recover the integers; a passthrough keeps them). Returns the ops whose inputs are
+    also read in the plain form: their ties are not modelled.
     """
-    binary = {n.name for n in lowered.graph.nodes if n.op == "call_function" and n.target in _BINARY_KERNELS}
+    fused_ops = fused_ops | {n.name for n in lowered.graph.nodes if n.op == "call_function" and n.target in _ADD_KERNELS}
+    conflicts: list[str] = []
     for n in sim.graph.nodes:
         fq = _fq(sim, n)
         if fq is None or not fq.enabled:
@@ -595,9 +626,12 @@ def _mark_binary_inputs(sim: GraphModule, lowered: GraphModule) -> None:
                 frontier.extend(u.users)
             else:
                 readers.append(u)
-        fused = [u for u in readers if u.name in binary]
-        indifferent = [u for u in readers if u.name not in binary and _reads_integers(sim, u)]
-        fq.dequantize_fma = bool(fused) and len(fused) + len(indifferent) == len(readers)
+        fused = [u.name for u in readers if u.name in fused_ops]
+        plain = [u for u in readers if u.name not in fused_ops and not _reads_integers(sim, u)]
+        fq.dequantize_fma = bool(fused) and not plain
+        if fused and plain:
+            conflicts += fused
+    return sorted(set(conflicts))
 
 
 def _reads_integers(sim: GraphModule, n: Node) -> bool:
@@ -638,9 +672,11 @@ def lower_quantized(program: Program, *, engine: str | None = None) -> tuple[Gra
         lowering = _Lowering(program.graph_module, engine)
         gm = lowering.run()
         _measure_kernels(lowering, gm, program.example_inputs)
-        _mark_binary_inputs(program.graph_module, gm)
+        lowering.unmodelled += _mark_fused_inputs(program.graph_module, gm, lowering.fused_dequantize)
+        lowering.unmodelled += [n for n, (fq, _) in lowering.pools.items() if fq.pool_rounding is None]
+    not_exact = sorted(set(lowering.unmodelled) | lowering.inexact)
     stats = dict(lowering.stats, engine=engine, rederived=rederived, points=lowering.points,
-                 exact_simulation=not lowering.inexact)
+                 exact_simulation=not not_exact, not_bit_exact=not_exact)
     return gm, stats
 
 

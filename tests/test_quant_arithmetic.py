@@ -167,3 +167,60 @@ def test_quantized_add_inputs_are_read_as_the_kernel_reads_them(relu):
     k = kernel.int_repr().long()
     assert torch.equal(simulate(), k), f"{int((simulate() != k).sum())} differ"
     assert not torch.equal(plain, k)
+
+
+def test_quantized_mul_reads_inputs_plainly():
+    """quantized::mul, unlike add, reads (q - zp) * s: the plain fake-quant value is exact
+    there, and the fused form the add needs would be wrong (30 random qparam sets, every
+    pair of input integers)."""
+    silence_quantized_deprecation()
+    plain_bad = fused_bad = 0
+    ia, ib = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        sa, sb, so = (float(torch.tensor(float(v), dtype=torch.float32)) for v in torch.rand(3, generator=g) * 0.05 + 0.005)
+        za, zb, zo = (int(v) for v in torch.randint(0, 256, (3,), generator=g))
+        qps = (QParams(sa, za, 0, 255), QParams(sb, zb, 0, 255), QParams(3 * so, zo, 0, 255))
+        a = torch._make_per_tensor_quantized_tensor(ia.to(torch.uint8).contiguous(), sa, za)
+        b = torch._make_per_tensor_quantized_tensor(ib.to(torch.uint8).contiguous(), sb, zb)
+        k = torch.ops.quantized.mul(a, b, 3 * so, zo).int_repr().long()
+        fqs = [ActFakeQuant(n) for n in "abo"]
+        for fq, qp in zip(fqs, qps):
+            fq.set_qparams(qp)
+        for fused in (False, True):
+            fqs[0].dequantize_fma = fqs[1].dequantize_fma = fused
+            y = fqs[2](fqs[0].dequantize(ia.float()) * fqs[1].dequantize(ib.float()))
+            bad = int(((torch.round(y / (3 * so)) + zo).long() != k).sum())
+            fused_bad, plain_bad = (fused_bad + bad, plain_bad) if fused else (fused_bad, plain_bad + bad)
+    assert plain_bad == 0
+    assert fused_bad > 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_quantized_cat_requantizes_like_the_kernel(channels_last):
+    """quantized::cat with inputs on other grids: its channels-last fast path reads them
+    fused and rounds like add; the generic path dequantizes plainly and rounds like
+    quantize_per_tensor. Every input integer, 100 qparam sets (half of them with ties)."""
+    silence_quantized_deprecation()
+    bad = plain_bad = 0
+    for seed in range(100):
+        g = torch.Generator().manual_seed(seed)
+        sa, sb, so = (float(torch.tensor(float(v), dtype=torch.float32)) for v in torch.rand(3, generator=g) * 0.05 + 0.005)
+        za, zb, zo = (int(v) for v in torch.randint(0, 256, (3,), generator=g))
+        so = 2 * sa if seed % 2 else so
+        q = (torch.arange(40 * 4) % 256).to(torch.uint8).view(1, 40, 2, 2)
+        xs = [torch._make_per_tensor_quantized_tensor(t.contiguous(), s, z) for t, s, z in ((q, sa, za), (q.flip(1), sb, zb))]
+        if channels_last:
+            xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+        k = torch.ops.quantized.cat(xs, 1, so, zo).int_repr().long()
+        fqs = [ActFakeQuant(n) for n in "abo"]
+        for fq, (s, z) in zip(fqs, ((sa, za), (sb, zb), (so, zo))):
+            fq.set_qparams(QParams(s, z, 0, 255))
+        plain = (torch.round(fqs[2](torch.cat([x.dequantize() for x in xs], 1)) / so) + zo).long()
+        fqs[0].dequantize_fma = fqs[1].dequantize_fma = channels_last
+        fqs[2].quantize_rounding = not channels_last
+        y = fqs[2](torch.cat([fq.dequantize(x.int_repr().float()) for fq, x in zip(fqs, xs)], 1))
+        bad += int(((torch.round(y / so) + zo).long() != k).sum())
+        plain_bad += int((plain != k).sum())
+    assert bad == 0
+    assert plain_bad > 0

@@ -81,6 +81,7 @@ def test_every_zoo_model_matches_the_simulation_end_to_end(compiled, name):
     through depth, so the outputs are identical (plain fake-quantization drifted by up to
     18 steps on ShuffleNetV2)."""
     _, program, artifact, samples = compiled(name)
+    assert artifact.exact_simulation, artifact.stats["not_bit_exact"]
     check = check_lowering(program, artifact.run, samples)
     assert check.ok, check.violations
     assert check.bounds[0] == pytest.approx(2 * program.meta["quant"]["output_scales"][0])
