@@ -659,7 +659,10 @@ class QuantLayer(nn.Module):
         wq = self.weight_fq.quantize(base.weight)
         wi = wq.int_repr().double()
         acc = F.linear(xi, wi) if isinstance(base, nn.Linear) else base._conv_forward(xi, wi, None)
-        shape = (1, -1) + (1,) * (acc.dim() - 2) if acc.dim() > 1 else (-1,)
+        if isinstance(base, nn.Linear):  # output channels last
+            shape = (1,) * (acc.dim() - 1) + (-1,)
+        else:  # output channels at dim 1
+            shape = (1, -1) + (1,) * (acc.dim() - 2)
         w_scale = (wq.q_per_channel_scales() if wq.qscheme() == torch.per_channel_affine
                    else torch.tensor([wq.q_scale()], dtype=torch.float64)).view(shape)
         bias = (base.bias.detach().float() if base.bias is not None else torch.zeros(w_scale.numel())).view(shape)

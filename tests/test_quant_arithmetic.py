@@ -39,11 +39,14 @@ LAYERS = {
     "grouped": lambda: nn.Conv2d(32, 64, 3, padding=1, groups=4),
     "depthwise": lambda: nn.Conv2d(64, 64, 3, padding=1, groups=64),
     "linear": lambda: nn.Linear(256, 512),
+    "linear-3d": lambda: nn.Linear(256, 512),
 }
 
 
-def _input(layer: nn.Module, g: torch.Generator) -> torch.Tensor:
+def _input(name: str, layer: nn.Module, g: torch.Generator) -> torch.Tensor:
     base = layer[0] if isinstance(layer, nni._FusedModule) else layer
+    if name == "linear-3d":  # channels last: a (batch, tokens, features) input
+        return torch.randn(64, 32, base.in_features, generator=g)
     if isinstance(base, nn.Linear):
         return torch.randn(2048, base.in_features, generator=g)
     return torch.randn(4, base.in_channels, 48, 48, generator=g)
@@ -60,7 +63,7 @@ def _simulated_and_kernel(name: str, engine: str, seed: int = 0):
         base.bias.copy_(torch.randn(base.bias.shape, generator=g))
     q = QuantLayer(layer)
     qin, qout = QParams(0.021, 117, 0, 255), QParams(0.043, 93, 0, 255)
-    x = _input(layer, g)
+    x = _input(name, layer, g)
     xq = torch.quantize_per_tensor(x, qin.scale, qin.zero_point, torch.quint8)
     kernel_layer = _quantized_layer(q, q.fused_relu, qout, engine)
     kernel = kernel_layer.pack_engine
