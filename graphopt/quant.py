@@ -37,7 +37,7 @@ other), and in deep nets those flips compound. So a lowering may tell the simula
 its kernels compute: :class:`KernelArithmetic` on a :class:`QuantLayer` (exact integer
 accumulation, then fbgemm's or oneDNN's requantization), and on an
 :class:`ActFakeQuant` ``pool_rounding`` (:class:`PoolRounding`), ``quantize_rounding``
-(as ``quantize_per_tensor``) and ``dequantize_fma`` (its value as quantized add/mul read
+(as ``quantize_per_tensor``) and ``dequantize_fma`` (its value as quantized add reads
 it). cpu-int8 sets them all and its artifacts then match the simulation bit for bit;
 :func:`derive_qparams` and :func:`clear_kernel_arithmetic` drop them.
 """
@@ -66,51 +66,51 @@ from graphopt.errors import DataError, PipelineError
 from graphopt.program import Program, delete_unused_submodules, flatten_outputs
 
 __all__ = [
-    "CALIBRATION_KEY",
-    "META_KEY",
-    "METHODS",
-    "SCHEMES",
-    "ActFakeQuant",
-    "KernelArithmetic",
-    "LocalLoweringCheck",
-    "LoweringCheck",
-    "Method",
-    "Observer",
-    "OpKind",
-    "Placement",
-    "PoolRounding",
-    "QParams",
-    "QuantConfig",
-    "QuantLayer",
     "Scheme",
-    "Sensitivity",
-    "WeightFakeQuant",
-    "absorbable_activation",
+    "Method",
+    "SCHEMES",
+    "METHODS",
+    "QParams",
+    "Observer",
+    "calibrate",
+    "select_range",
     "activation_qparams",
+    "weight_qparams",
+    "ActFakeQuant",
+    "WeightFakeQuant",
+    "QuantLayer",
+    "KernelArithmetic",
+    "PoolRounding",
+    "clear_kernel_arithmetic",
+    "pool_window",
+    "OpKind",
+    "op_kind",
+    "absorbable_activation",
     "anchor_inputs",
     "anchor_name",
+    "QuantConfig",
+    "Placement",
     "anchors",
-    "calibrate",
-    "check_lowering",
-    "check_lowering_local",
-    "clear_kernel_arithmetic",
-    "derive_qparams",
-    "keep_fp32_auto",
-    "lowering_error",
-    "op_kind",
-    "output_scales",
-    "place",
-    "pool_window",
-    "quantization_error",
-    "quantize_program",
-    "rederive",
     "resolve_names",
-    "select_range",
-    "silence_quantized_deprecation",
+    "place",
     "strip",
+    "derive_qparams",
+    "rederive",
+    "quantize_program",
     "summary",
+    "output_scales",
+    "quantization_error",
+    "lowering_error",
+    "LoweringCheck",
+    "check_lowering",
+    "LocalLoweringCheck",
+    "check_lowering_local",
     "verify_int8",
-    "weight_qparams",
+    "Sensitivity",
+    "keep_fp32_auto",
+    "META_KEY",
+    "CALIBRATION_KEY",
+    "silence_quantized_deprecation",
 ]
 
 Scheme = Literal["u8", "s8"]
@@ -267,7 +267,7 @@ class Observer:
         self.hist = np.diff(new_cdf)
         self.lo, self.hi = lo, hi
 
-    def merge(self, other: Observer) -> None:
+    def merge(self, other: "Observer") -> None:
         if other.empty:
             return
         if self.empty:
@@ -289,7 +289,7 @@ class Observer:
         return head, torch.from_numpy(self.hist.copy())
 
     @classmethod
-    def from_tensors(cls, head: torch.Tensor, hist: torch.Tensor) -> Observer:
+    def from_tensors(cls, head: torch.Tensor, hist: torch.Tensor) -> "Observer":
         obs = cls(int(hist.numel()))
         obs.min, obs.max, obs.lo, obs.hi, count, zeros = (float(v) for v in head.tolist())
         obs.count, obs.zeros = int(count), int(zeros)
@@ -483,7 +483,7 @@ class ActFakeQuant(nn.Module):
         self.enabled = True
         self.pool_rounding: PoolRounding | None = None  # set by a lowering (average pools)
         self.quantize_rounding = False  # set by a lowering: round as torch.quantize_per_tensor does
-        self.dequantize_fma = False  # set by a lowering: the value as quantized add/mul read it
+        self.dequantize_fma = False  # set by a lowering: the value as quantized add reads it
         self.quant_min, self.quant_max = 0, 255
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
@@ -528,7 +528,8 @@ class ActFakeQuant(nn.Module):
         """The fp32 value this quantizer hands on for the integers ``q`` (a float tensor)."""
         scale, zp = self.scale.float(), int(self.zero_point)
         if self.dequantize_fma:
-            # as torch's quantized add/mul dequantize their inputs: fma(q, scale, -zp * scale)
+            # as torch's quantized add (and cat's channels-last path) read their inputs:
+            # fma(q, scale, -zp * scale)
             return (q.double() * scale.double() + float(scale * -zp)).float()
         return (q - zp) * scale
 
@@ -586,8 +587,8 @@ def _base(layer: nn.Module) -> nn.Module:
 class KernelArithmetic:
     """Which int8 kernel family computes a conv/linear, and its input and output qparams.
 
-    Set on a :class:`QuantLayer` by a lowering (:func:`set_kernel_arithmetic`) so that
-    the simulated program reproduces that backend's rounding exactly: with plain
+    Set on a :class:`QuantLayer` by a lowering (cpu-int8's) so that the simulated
+    program reproduces that backend's rounding exactly: with plain
     fake-quantization the simulation differs from the kernel by one step on a few
     elements per million (float32 accumulation order, rounding ties), and in deep nets
     those flips compound into many output steps. ``kernel`` is ``fbgemm`` or ``onednn``
