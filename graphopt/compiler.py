@@ -423,7 +423,7 @@ def _verify(report: Report, fp32_reference: Program, program: Program, artifact:
     if "quant" in program.meta:
         from graphopt.quant import verify_int8
 
-        split = verify_int8(fp32_reference.run, program, artifact, samples)
+        split = verify_int8(fp32_reference.run, program, artifact, samples, artifact_outputs=outputs)
         report.extra["int8_verification"] = split
         failures += split["violations"]
     else:
