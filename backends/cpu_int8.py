@@ -326,7 +326,7 @@ class _Lowering:
             self.env[n], self.qp[n] = self.env[src], self.qp.get(src)
             return
         qp = fq.qparams
-        fq.quantize_rounding = not _same(self.qp.get(src), qp)  # lowered to quantize_per_tensor
+        fq.quantize_rounding = "" if _same(self.qp.get(src), qp) else "torch"  # lowered to quantize_per_tensor
         self.env[n] = self.quantized(src, qp)
         self.qp[n] = qp
         self.points[n.name] = self.env[n].name
@@ -591,7 +591,7 @@ def _measure_kernels(lowering: _Lowering, gm: GraphModule, inputs: tuple[torch.T
         elif cat_layout[name]:
             lowering.fused_dequantize.add(name)
         else:
-            fq.quantize_rounding = True
+            fq.quantize_rounding = "torch"
     cache: dict[tuple[Any, ...], bool | None] = {}
     for name, (q, relu) in lowering.onednn_layers.items():
         x = seen.get(name)

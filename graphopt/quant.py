@@ -37,9 +37,11 @@ other), and in deep nets those flips compound. So a lowering may tell the simula
 its kernels compute: :class:`KernelArithmetic` on a :class:`QuantLayer` (exact integer
 accumulation, then fbgemm's or oneDNN's requantization), and on an
 :class:`ActFakeQuant` ``pool_rounding`` (:class:`PoolRounding`), ``quantize_rounding``
-(as ``quantize_per_tensor``) and ``dequantize_fma`` (its value as quantized add reads
-it). cpu-int8 sets them all and its artifacts then match the simulation bit for bit;
-:func:`derive_qparams` and :func:`clear_kernel_arithmetic` drop them.
+(``"torch"``: as ``quantize_per_tensor``; ``"onnx"``: as ONNX ``QuantizeLinear``) and
+``dequantize_fma`` (its value as quantized add reads it). cpu-int8 sets them all and its
+artifacts then match the simulation bit for bit; ort-int8 sets what ONNX Runtime's
+convolutions, pools and quantizers need. :func:`derive_qparams` and
+:func:`clear_kernel_arithmetic` drop them.
 """
 
 from __future__ import annotations
@@ -482,7 +484,7 @@ class ActFakeQuant(nn.Module):
         self.inherit = inherit
         self.enabled = True
         self.pool_rounding: PoolRounding | None = None  # set by a lowering (average pools)
-        self.quantize_rounding = False  # set by a lowering: round as torch.quantize_per_tensor does
+        self.quantize_rounding = ""  # set by a lowering: "torch" (quantize_per_tensor) or "onnx" (QuantizeLinear)
         self.dequantize_fma = False  # set by a lowering: the value as quantized add reads it
         self.quant_min, self.quant_max = 0, 255
         self.register_buffer("scale", torch.tensor(1.0))
@@ -514,12 +516,14 @@ class ActFakeQuant(nn.Module):
         scale, zp = self.scale.float(), int(self.zero_point)
         if self.pool_rounding is not None:
             q = self._pool_round(x, self.pool_rounding)
-        elif self.quantize_rounding:
+        elif self.quantize_rounding == "torch":
             # torch.quantize_per_tensor: round(fma(x, 1/scale, zero_point)), one float32
             # rounding before the integer one (fake_quantize rounds x * (1/scale) first, and
             # ties then break differently). float64 holds the fused product exactly.
             inv = torch.tensor(1.0, dtype=torch.float32) / scale
             q = torch.round((x.double() * inv.double() + zp).float())
+        elif self.quantize_rounding == "onnx":
+            q = torch.round(x / scale) + zp  # ONNX Runtime's QuantizeLinear and QLinearConcat divide
         else:
             q = torch.round(x * (torch.tensor(1.0, dtype=torch.float32) / scale)) + zp  # as fake_quantize
         return self.dequantize(q.clamp(self.quant_min, self.quant_max))
@@ -537,7 +541,12 @@ class ActFakeQuant(nn.Module):
         # x is the fp32 average of ``size`` values on this grid: recover the integer sum
         # exactly (its float error is far below half a unit), then round as the kernel does.
         scale, zp = float(self.scale), int(self.zero_point)
+        if rounding.kernel == "ort-average":
+            return torch.round(x / self.scale.float() + zp)
         acc = torch.round(x.double() / scale * rounding.size)
+        if rounding.kernel == "ort-global":
+            s = self.scale.float()
+            return torch.round(acc.float() * (s / (s * float(rounding.size)))) + zp
         mean = acc / rounding.size
         first = torch.tensor(rounding.zero_point_first).view((-1,) + (1,) * (x.dim() - 2))
         return torch.where(first, torch.round(mean + zp), torch.round(mean) + zp).float()
@@ -593,10 +602,10 @@ class KernelArithmetic:
     elements per million (float32 accumulation order, rounding ties), and in deep nets
     those flips compound into many output steps. ``kernel`` is ``fbgemm`` or ``onednn``
     (measured bit-exact against torch's quantized conv/linear; see
-    ``tests/test_quant_arithmetic.py``).
+    ``tests/test_quant_arithmetic.py``) or ``ort`` (ONNX Runtime's QLinearConv/QGemm).
     """
 
-    kernel: Literal["fbgemm", "onednn"]
+    kernel: Literal["fbgemm", "onednn", "ort"]
     input: QParams
     output: QParams
     #: oneDNN only: multiply the accumulator by ``s_in * s_w`` (some implementations)
@@ -618,6 +627,11 @@ class PoolRounding:
 
     size: int
     zero_point_first: tuple[bool, ...]
+    #: ``torch`` (above); ``ort-global``: ONNX Runtime's QLinearGlobalAveragePool,
+    #: ``round(float(sum) * (s / (s * size))) + zp``; ``ort-average``: its
+    #: QLinearAveragePool, ``round(mean / s + zp)`` on the float mean of the dequantized
+    #: window (which the simulated pool computes identically).
+    kernel: Literal["torch", "ort-global", "ort-average"] = "torch"
 
 
 class QuantLayer(nn.Module):
@@ -673,6 +687,14 @@ class QuantLayer(nn.Module):
             # every factor float32, rounded half to even; the zero point is added after rounding.
             act_times_w = torch.tensor(arith.input.scale, dtype=torch.float32) * w_scale.float()
             pre = (acc.float() + bias / act_times_w) * (act_times_w / torch.tensor(out.scale, dtype=torch.float32))
+            q = torch.round(pre) + out.zero_point
+        elif arith.kernel == "ort":
+            # ONNX Runtime (QLinearConv/QGemm fused from QDQ): the fp32 bias becomes int32 at
+            # steps of s_in*s_w (float32 division, half to even) added to the accumulator,
+            # then scaled by float32 (s_in*s_w)/s_out, rounded half to even; zero point after.
+            act_times_w = torch.tensor(arith.input.scale, dtype=torch.float32) * w_scale.float()
+            bias_int = torch.round(bias / act_times_w)
+            pre = (acc + bias_int.double()).float() * (act_times_w / torch.tensor(out.scale, dtype=torch.float32))
             q = torch.round(pre) + out.zero_point
         else:
             # oneDNN through ideep: torch hands over reciprocal scales (1/s_in, 1/s_out as
@@ -1052,7 +1074,7 @@ def clear_kernel_arithmetic(gm: GraphModule) -> None:
             m.arithmetic = None
         elif isinstance(m, ActFakeQuant):
             m.pool_rounding = None
-            m.quantize_rounding = False
+            m.quantize_rounding = ""
             m.dequantize_fma = False
 
 

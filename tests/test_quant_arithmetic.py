@@ -139,7 +139,7 @@ def test_entry_quantizer_rounds_like_quantize_per_tensor():
     fq = ActFakeQuant("x")
     fq.set_qparams(QParams(scale, zp, 0, 255))
     plain = fq(x)
-    fq.quantize_rounding = True
+    fq.quantize_rounding = "torch"
     sim = fq(x)
     y = torch.quantize_per_tensor(x, scale, zp, torch.quint8).dequantize()
     assert torch.equal(sim, y)
@@ -221,7 +221,7 @@ def test_quantized_cat_requantizes_like_the_kernel(channels_last):
             fq.set_qparams(QParams(s, z, 0, 255))
         plain = (torch.round(fqs[2](torch.cat([x.dequantize() for x in xs], 1)) / so) + zo).long()
         fqs[0].dequantize_fma = fqs[1].dequantize_fma = channels_last
-        fqs[2].quantize_rounding = not channels_last
+        fqs[2].quantize_rounding = "" if channels_last else "torch"
         y = fqs[2](torch.cat([fq.dequantize(x.int_repr().float()) for fq, x in zip(fqs, xs)], 1))
         bad += int(((torch.round(y / so) + zo).long() != k).sum())
         plain_bad += int((plain != k).sum())
