@@ -739,10 +739,12 @@ def set_ort_arithmetic(sim: GraphModule) -> list[str]:
     float32 multiplier (:class:`~graphopt.quant.KernelArithmetic` ``ort``);
     QLinearGlobalAveragePool and QLinearAveragePool round as
     :class:`~graphopt.quant.PoolRounding` ``ort-global``/``ort-average``; QuantizeLinear
-    and QLinearConcat divide by the scale (``quantize_rounding="onnx"``). Not modelled:
-    QLinearAdd/QLinearMul (MLAS's own fixed arithmetic), quantized BatchNorm, a ReLU6 whose
-    Clip stays in the graph, and fp32 ops ONNX Runtime may fuse into lookup tables
-    (QLinearSigmoid...) — where any is present, verification holds ops one by one only.
+    and QLinearConcat divide by the scale (``quantize_rounding="onnx"``); QLinearAdd is
+    computed from its operands' integers (``ActFakeQuant.qlinear_add``). Not modelled:
+    QLinearMul, quantized BatchNorm, a ReLU/ReLU6 that stays in the graph, an add whose
+    operands pass through other ops first, and fp32 ops ONNX Runtime may fuse into lookup
+    tables (QLinearSigmoid...) — where any is present, verification holds ops one by one
+    only.
     """
     def fq_of(n: Node | None) -> ActFakeQuant | None:
         if isinstance(n, Node) and n.op == "call_module":
@@ -757,11 +759,15 @@ def set_ort_arithmetic(sim: GraphModule) -> list[str]:
         return fq_of(n)
 
     unmodelled: list[str] = []
+    handled: set[Node | None] = set()  # activations absorbed into the op before them
     for n in sim.graph.nodes:
+        if n in handled:
+            continue
         kind = op_kind(sim, n)
         users = list(n.users)
         if kind is OpKind.WEIGHTED and isinstance(sim.get_submodule(str(n.target)), QuantLayer):
             act = absorbable_activation(sim, n)
+            handled.add(act)
             end_users = list((act or n).users)
             fin, fout = input_fq(n.args[0]), fq_of(end_users[0]) if len(end_users) == 1 else None
             if fin is None or fout is None or fout.inherit is not None:
@@ -776,8 +782,17 @@ def set_ort_arithmetic(sim: GraphModule) -> list[str]:
             out = fq_of(end_users[0]) if len(end_users) == 1 else None
             if out is None:
                 continue  # an fp32 result
-            if n.op == "call_function" and n.target in (torch.cat, torch.concat, torch.concatenate) and end_users[0] in users:
+            act = absorbable_activation(sim, n)
+            handled.add(act)
+            operands = [_integer_path(sim, a, fq_of) for a in n.args] if len(n.args) == 2 else []
+            relu_folded = act is None or (_is_relu(sim, act) and out.qparams.zero_point == out.qparams.quant_min)
+            if n.op == "call_function" and n.target in (torch.cat, torch.concat, torch.concatenate) and act is None:
                 out.quantize_rounding = "onnx"  # QLinearConcat
+            elif _is_add(n) and relu_folded and operands and all(o is not None for o in operands):
+                for fq, _ in operands:  # QLinearAdd reads their integers
+                    fq.stash = True
+                out.qlinear_add = (operands[0][0], operands[1][0])
+                out.qlinear_add_paths = (operands[0][1], operands[1][1])
             else:
                 unmodelled.append(n.name)
         elif kind is OpKind.REQUANT and len(users) == 1 and fq_of(users[0]) is not None:
@@ -797,6 +812,38 @@ def set_ort_arithmetic(sim: GraphModule) -> list[str]:
                     if n.op != "placeholder":
                         unmodelled.append(u.name)  # ONNX Runtime may fuse the fp32 op into a lookup table
     return sorted(set(unmodelled))
+
+
+_INTEGER_MOVES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+
+
+def _integer_path(sim: GraphModule, n: Node, fq_of) -> tuple[ActFakeQuant, tuple[tuple[Any, tuple[Any, ...]], ...]] | None:
+    """The quantizer behind ``n`` and the data-movement ops between, replayable on integers.
+
+    Max pooling, flattening and reshaping move integers exactly as they move the values
+    they stand for; anything else (or an op with a computed argument) gives None.
+    """
+    path: list[tuple[Any, tuple[Any, ...]]] = []
+    while isinstance(n, Node) and fq_of(n) is None:
+        if any(isinstance(a, Node) for a in list(n.args[1:]) + list(n.kwargs.values())):
+            return None
+        m = sim.get_submodule(str(n.target)) if n.op == "call_module" else None
+        if isinstance(m, _INTEGER_MOVES) and not getattr(m, "return_indices", False):
+            path.append((m, ()))
+        elif n.op == "call_function" and n.target in (F.max_pool1d, F.max_pool2d, torch.flatten) and not n.kwargs:
+            path.append((n.target, tuple(n.args[1:])))
+        elif n.op == "call_method" and n.target in ("view", "reshape", "flatten", "contiguous") and not n.kwargs:
+            path.append((str(n.target), tuple(n.args[1:])))
+        else:
+            return None
+        n = n.args[0]
+    fq = fq_of(n)
+    return (fq, tuple(reversed(path))) if fq is not None else None
+
+
+def _is_add(n: Node) -> bool:
+    return (n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add)) or \
+        (n.op == "call_method" and n.target in ("add", "add_"))
 
 
 def _is_relu(sim: GraphModule, act: Node) -> bool:

@@ -38,10 +38,10 @@ its kernels compute: :class:`KernelArithmetic` on a :class:`QuantLayer` (exact i
 accumulation, then fbgemm's or oneDNN's requantization), and on an
 :class:`ActFakeQuant` ``pool_rounding`` (:class:`PoolRounding`), ``quantize_rounding``
 (``"torch"``: as ``quantize_per_tensor``; ``"onnx"``: as ONNX ``QuantizeLinear``) and
-``dequantize_fma`` (its value as quantized add reads it). cpu-int8 sets them all and its
-artifacts then match the simulation bit for bit; ort-int8 sets what ONNX Runtime's
-convolutions, pools and quantizers need. :func:`derive_qparams` and
-:func:`clear_kernel_arithmetic` drop them.
+``dequantize_fma`` (its value as quantized add reads it), and ``qlinear_add`` (ONNX
+Runtime's QLinearAdd, from its operands' integers). cpu-int8 and ort-int8 set what their
+kernels need, and their artifacts then match the simulation bit for bit.
+:func:`derive_qparams` and :func:`clear_kernel_arithmetic` drop them.
 """
 
 from __future__ import annotations
@@ -486,6 +486,12 @@ class ActFakeQuant(nn.Module):
         self.pool_rounding: PoolRounding | None = None  # set by a lowering (average pools)
         self.quantize_rounding = ""  # set by a lowering: "torch" (quantize_per_tensor) or "onnx" (QuantizeLinear)
         self.dequantize_fma = False  # set by a lowering: the value as quantized add reads it
+        #: set by a lowering: this quantizer is the output of ONNX Runtime's QLinearAdd of the
+        #: values of these two quantizers (their last integers, see :meth:`dequantize`), each
+        #: through the data-movement ops between (``(op, extra args)``: max pool, flatten...)
+        self.qlinear_add: tuple[ActFakeQuant, ActFakeQuant] | None = None
+        self.qlinear_add_paths: tuple[tuple[tuple[Any, tuple[Any, ...]], ...], ...] = ((), ())
+        self._last_q: torch.Tensor | None = None
         self.quant_min, self.quant_max = 0, 255
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
@@ -511,10 +517,14 @@ class ActFakeQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if self.pool_rounding is None and not self.quantize_rounding and not self.dequantize_fma:
+        plain = self.pool_rounding is None and not self.quantize_rounding and not self.dequantize_fma
+        if plain and self.qlinear_add is None and not self.stash:
             return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
         scale, zp = self.scale.float(), int(self.zero_point)
-        if self.pool_rounding is not None:
+        ints = self._qlinear_add_operands()
+        if ints is not None and all(t.shape == x.shape for t in ints):
+            q = self._qlinear_add(*ints)
+        elif self.pool_rounding is not None:
             q = self._pool_round(x, self.pool_rounding)
         elif self.quantize_rounding == "torch":
             # torch.quantize_per_tensor: round(fma(x, 1/scale, zero_point)), one float32
@@ -528,8 +538,43 @@ class ActFakeQuant(nn.Module):
             q = torch.round(x * (torch.tensor(1.0, dtype=torch.float32) / scale)) + zp  # as fake_quantize
         return self.dequantize(q.clamp(self.quant_min, self.quant_max))
 
+    def _qlinear_add_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.qlinear_add is None or any(o._last_q is None for o in self.qlinear_add):
+            return None
+        ints = []
+        for fq, path in zip(self.qlinear_add, self.qlinear_add_paths):
+            t = fq._last_q
+            for op, extra in path:  # max pool, flatten, view...: they move integers as they move values
+                t = getattr(t, op)(*extra) if isinstance(op, str) else op(t, *extra)
+            ints.append(t)
+        return ints[0], ints[1]
+
+    def _qlinear_add(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+        # MLAS QLinearAdd: fma(ra, A, fma(rb, B, zp_c - fma(ra, zp_a, rb * zp_b))) with
+        # ra = s_a/s_c, rb = s_b/s_c, float32 throughout (a float64 product of two float32
+        # values is exact: one rounding per fused multiply-add), rounded half to even
+        a, b = self.qlinear_add
+        sc = self.scale.float()
+        ra, rb = a.scale.float() / sc, b.scale.float() / sc
+        fixed = (ra.double() * int(a.zero_point) + (rb * int(b.zero_point)).double()).float()
+        adj = torch.tensor(float(int(self.zero_point)), dtype=torch.float32) - fixed
+        inner = (rb.double() * qb.double() + adj.double()).float()
+        return torch.round((ra.double() * qa.double() + inner.double()).float())
+
+    @property
+    def stash(self) -> bool:
+        """Does a QLinearAdd downstream read this quantizer's integers?"""
+        return getattr(self, "_stash", False)
+
+    @stash.setter
+    def stash(self, value: bool) -> None:
+        self._stash = value
+        self._last_q = None
+
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         """The fp32 value this quantizer hands on for the integers ``q`` (a float tensor)."""
+        if self.stash:
+            self._last_q = q
         scale, zp = self.scale.float(), int(self.zero_point)
         if self.dequantize_fma:
             # as torch's quantized add (and cat's channels-last path) read their inputs:
@@ -1076,6 +1121,9 @@ def clear_kernel_arithmetic(gm: GraphModule) -> None:
             m.pool_rounding = None
             m.quantize_rounding = ""
             m.dequantize_fma = False
+            m.qlinear_add = None
+            m.qlinear_add_paths = ((), ())
+            m.stash = False
 
 
 def pool_window(gm: GraphModule, n: Node) -> int | None:
