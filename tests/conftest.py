@@ -68,3 +68,17 @@ def fresh_host():
     host = PluginHost()
     host.load_entry_points()
     return host
+
+
+def binary_qparams(seed: int, *, ties: bool = True) -> tuple[tuple[float, int], tuple[float, int], tuple[float, int]]:
+    """(scale, zero point) of two inputs and an output of a binary int8 op, float32 scales.
+
+    With ``ties``, odd seeds make the output scale twice the first input's, so half the
+    integer pairs land exactly between two output steps.
+    """
+    g = torch.Generator().manual_seed(seed)
+    sa, sb, so = (float(torch.tensor(float(v), dtype=torch.float32)) for v in torch.rand(3, generator=g) * 0.05 + 0.005)
+    za, zb, zo = (int(v) for v in torch.randint(0, 256, (3,), generator=g))
+    if ties and seed % 2:
+        so = 2 * sa
+    return (sa, za), (sb, zb), (so, zo)

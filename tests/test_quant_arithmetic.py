@@ -13,22 +13,11 @@ import pytest
 import torch
 import torch.ao.nn.intrinsic as nni
 import torch.nn.functional as F
-from graphopt.backends.cpu_int8 import (
-    _onednn_combines_scales,
-    _pool_tie_rule,
-    _quantized_layer,
-    engine_scope,
-)
 from torch import nn
 
-from graphopt.quant import (
-    ActFakeQuant,
-    KernelArithmetic,
-    PoolRounding,
-    QParams,
-    QuantLayer,
-    silence_quantized_deprecation,
-)
+from graphopt.backends.cpu_int8 import _onednn_combines_scales, _pool_tie_rule, _quantized_layer, engine_scope
+from graphopt.quant import ActFakeQuant, KernelArithmetic, PoolRounding, QParams, QuantLayer, silence_quantized_deprecation
+from tests.conftest import binary_qparams
 
 ENGINES = [e for e in ("fbgemm", "onednn") if e in torch.backends.quantized.supported_engines]
 
@@ -180,9 +169,7 @@ def test_quantized_mul_reads_inputs_plainly():
     plain_bad = fused_bad = 0
     ia, ib = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
     for seed in range(30):
-        g = torch.Generator().manual_seed(seed)
-        sa, sb, so = (float(torch.tensor(float(v), dtype=torch.float32)) for v in torch.rand(3, generator=g) * 0.05 + 0.005)
-        za, zb, zo = (int(v) for v in torch.randint(0, 256, (3,), generator=g))
+        (sa, za), (sb, zb), (so, zo) = binary_qparams(seed, ties=False)
         qps = (QParams(sa, za, 0, 255), QParams(sb, zb, 0, 255), QParams(3 * so, zo, 0, 255))
         a = torch._make_per_tensor_quantized_tensor(ia.to(torch.uint8).contiguous(), sa, za)
         b = torch._make_per_tensor_quantized_tensor(ib.to(torch.uint8).contiguous(), sb, zb)
@@ -207,10 +194,7 @@ def test_quantized_cat_requantizes_like_the_kernel(channels_last):
     silence_quantized_deprecation()
     bad = plain_bad = 0
     for seed in range(100):
-        g = torch.Generator().manual_seed(seed)
-        sa, sb, so = (float(torch.tensor(float(v), dtype=torch.float32)) for v in torch.rand(3, generator=g) * 0.05 + 0.005)
-        za, zb, zo = (int(v) for v in torch.randint(0, 256, (3,), generator=g))
-        so = 2 * sa if seed % 2 else so
+        (sa, za), (sb, zb), (so, zo) = binary_qparams(seed)
         q = (torch.arange(40 * 4) % 256).to(torch.uint8).view(1, 40, 2, 2)
         xs = [torch._make_per_tensor_quantized_tensor(t.contiguous(), s, z) for t, s, z in ((q, sa, za), (q.flip(1), sb, zb))]
         if channels_last:

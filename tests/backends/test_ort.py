@@ -263,15 +263,13 @@ def test_qlinear_add_is_computed_from_the_operands_integers():
     from onnx import TensorProto, helper
 
     from graphopt.quant import ActFakeQuant, QParams
+    from tests.conftest import binary_qparams
 
     ia, ib = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
     a8, b8 = ia.to(torch.uint8).reshape(1, 256, 16, 16).numpy(), ib.to(torch.uint8).reshape(1, 256, 16, 16).numpy()
     exact = plain = 0
     for seed in range(20):
-        g = torch.Generator().manual_seed(seed)
-        sa, sb, sc = (float(torch.tensor(float(v), dtype=torch.float32)) for v in torch.rand(3, generator=g) * 0.05 + 0.005)
-        za, zb, zc = (int(v) for v in torch.randint(0, 256, (3,), generator=g))
-        sc = 2 * sa if seed % 2 else sc
+        (sa, za), (sb, zb), (sc, zc) = binary_qparams(seed)
         inits = [helper.make_tensor(n, TensorProto.FLOAT, [], [v]) for n, v in (("sa", sa), ("sb", sb), ("sc", sc))]
         inits += [helper.make_tensor(n, TensorProto.UINT8, [], [v]) for n, v in (("za", za), ("zb", zb), ("zc", zc))]
         node = helper.make_node("QLinearAdd", ["A", "sa", "za", "B", "sb", "zb", "sc", "zc"], ["C"], domain="com.microsoft")
