@@ -772,20 +772,19 @@ def set_ort_arithmetic(sim: GraphModule) -> list[str]:
             fin, fout = input_fq(n.args[0]), fq_of(end_users[0]) if len(end_users) == 1 else None
             if fin is None or fout is None or fout.inherit is not None:
                 continue  # runs in fp32 under ONNX Runtime too
-            clip_kept = act is not None and fout.qparams.range[1] > 6.0 + 1e-6 and not _is_relu(sim, act)
-            if clip_kept:
-                unmodelled.append(n.name)
+            if act is not None and not _folded(sim, act, fout.qparams):
+                unmodelled.append(n.name)  # the ReLU/Clip stays in the graph: not QLinearConv's arithmetic
                 continue
             sim.get_submodule(str(n.target)).arithmetic = KernelArithmetic("ort", fin.qparams, fout.qparams)
         elif kind is OpKind.ANCHOR:
-            end_users = list((absorbable_activation(sim, n) or n).users)
+            act = absorbable_activation(sim, n)
+            handled.add(act)
+            end_users = list((act or n).users)
             out = fq_of(end_users[0]) if len(end_users) == 1 else None
             if out is None:
                 continue  # an fp32 result
-            act = absorbable_activation(sim, n)
-            handled.add(act)
             operands = [_integer_path(sim, a, fq_of) for a in n.args] if len(n.args) == 2 else []
-            relu_folded = act is None or (_is_relu(sim, act) and out.qparams.zero_point == out.qparams.quant_min)
+            relu_folded = act is None or (_is_relu(sim, act) and _folded(sim, act, out.qparams))
             if n.op == "call_function" and n.target in (torch.cat, torch.concat, torch.concatenate) and act is None:
                 out.quantize_rounding = "onnx"  # QLinearConcat
             elif _is_add(n) and relu_folded and operands and all(o is not None for o in operands):
@@ -844,6 +843,12 @@ def _integer_path(sim: GraphModule, n: Node, fq_of) -> tuple[ActFakeQuant, tuple
 def _is_add(n: Node) -> bool:
     return (n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add)) or \
         (n.op == "call_method" and n.target in ("add", "add_"))
+
+
+def _folded(sim: GraphModule, act: Node, qp: QParams) -> bool:
+    """Does the export drop this ReLU/ReLU6 (see :func:`_drop_redundant_activations`)?"""
+    at_bottom = qp.zero_point == qp.quant_min
+    return at_bottom and (_is_relu(sim, act) or round(6.0 / qp.scale) + qp.zero_point >= qp.quant_max)
 
 
 def _is_relu(sim: GraphModule, act: Node) -> bool:
