@@ -83,13 +83,14 @@ def test_conv_and_linear_match_the_kernel_exactly(name, engine):
 
 def test_onednn_scale_order_probe_decides():
     """oneDNN multiplies by s_in*s_w in some implementations and by s_in, then s_w, in
-    others (which one depends on the shape and even the thread count: measured, here
-    3x3 combines with any thread count); the probe must reach a verdict on common shapes."""
+    others (which one depends on the shape, the thread count and the CPU; on this
+    project's machine 3x3 convolutions combine); the probe must reach a verdict on common
+    shapes, and the layer tests above check that the verdict reproduces the kernel."""
     if "onednn" not in ENGINES:
         pytest.skip("no oneDNN in this torch build")
     conv3 = QuantLayer(nn.Conv2d(32, 32, 3, padding=1))
     conv1 = QuantLayer(nn.Conv2d(64, 128, 1))
-    assert _onednn_combines_scales(conv3, False, (1, 32, 16, 16), (0, 0)) is True
+    assert _onednn_combines_scales(conv3, False, (1, 32, 16, 16), (0, 0)) in (True, False)
     assert _onednn_combines_scales(conv1, False, (1, 64, 8, 8), (0, 0)) in (True, False)
     assert _onednn_combines_scales(conv1, False, (1, 64, 8, 8), (5, 129)) in (True, False)
 
