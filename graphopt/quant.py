@@ -491,6 +491,7 @@ class ActFakeQuant(nn.Module):
         #: through the data-movement ops between (``(op, extra args)``: max pool, flatten...)
         self.qlinear_add: tuple[ActFakeQuant, ActFakeQuant] | None = None
         self.qlinear_add_paths: tuple[tuple[tuple[Any, tuple[Any, ...]], ...], ...] = ((), ())
+        self.stash = False  # set by a lowering: keep the last integers (a QLinearAdd downstream reads them)
         self._last_q: torch.Tensor | None = None
         self.quant_min, self.quant_max = 0, 255
         self.register_buffer("scale", torch.tensor(1.0))
@@ -560,16 +561,6 @@ class ActFakeQuant(nn.Module):
         adj = torch.tensor(float(int(self.zero_point)), dtype=torch.float32) - fixed
         inner = (rb.double() * qb.double() + adj.double()).float()
         return torch.round((ra.double() * qa.double() + inner.double()).float())
-
-    @property
-    def stash(self) -> bool:
-        """Does a QLinearAdd downstream read this quantizer's integers?"""
-        return getattr(self, "_stash", False)
-
-    @stash.setter
-    def stash(self, value: bool) -> None:
-        self._stash = value
-        self._last_q = None
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         """The fp32 value this quantizer hands on for the integers ``q`` (a float tensor)."""
@@ -1123,7 +1114,7 @@ def clear_kernel_arithmetic(gm: GraphModule) -> None:
             m.dequantize_fma = False
             m.qlinear_add = None
             m.qlinear_add_paths = ((), ())
-            m.stash = False
+            m.stash, m._last_q = False, None
 
 
 def pool_window(gm: GraphModule, n: Node) -> int | None:
