@@ -60,6 +60,7 @@ from graphopt.quant import (
     anchor_inputs,
     op_kind,
     pool_window,
+    quantizer_of,
     rederive,
     silence_quantized_deprecation,
 )
@@ -130,12 +131,7 @@ _CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
 _ADD_FNS = {operator.add, operator.iadd, torch.add}
 
 
-def _fq(gm: GraphModule, n: Node) -> ActFakeQuant | None:
-    if n.op == "call_module":
-        m = gm.get_submodule(str(n.target))
-        if isinstance(m, ActFakeQuant):
-            return m
-    return None
+_fq = quantizer_of
 
 
 def _same(a: QParams | None, b: QParams | None) -> bool:

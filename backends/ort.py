@@ -79,6 +79,7 @@ from graphopt.quant import (
     clear_kernel_arithmetic,
     op_kind,
     pool_window,
+    quantizer_of,
 )
 from graphopt.targets import Artifact, TargetSpec, register_target
 
@@ -747,11 +748,8 @@ def set_ort_arithmetic(sim: GraphModule) -> list[str]:
     only.
     """
     def fq_of(n: Node | None) -> ActFakeQuant | None:
-        if isinstance(n, Node) and n.op == "call_module":
-            m = sim.get_submodule(str(n.target))
-            if isinstance(m, ActFakeQuant) and m.enabled:
-                return m
-        return None
+        fq = quantizer_of(sim, n)
+        return fq if fq is not None and fq.enabled else None
 
     def input_fq(n: Node) -> ActFakeQuant | None:
         while isinstance(n, Node) and fq_of(n) is None and op_kind(sim, n) is OpKind.PASSTHROUGH:

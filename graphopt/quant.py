@@ -85,6 +85,7 @@ __all__ = [
     "PoolRounding",
     "clear_kernel_arithmetic",
     "pool_window",
+    "quantizer_of",
     "OpKind",
     "op_kind",
     "absorbable_activation",
@@ -1101,6 +1102,15 @@ def derive_qparams(gm: GraphModule, scheme: str, method: str, *, reduce_range: b
         while src.inherit is not None and hops < len(fqs):
             src, hops = by_name[src.inherit], hops + 1
         m.set_qparams(src.qparams)
+
+
+def quantizer_of(gm: GraphModule, n: Node | None) -> ActFakeQuant | None:
+    """The activation quantizer node ``n`` calls, if it calls one."""
+    if isinstance(n, Node) and n.op == "call_module":
+        m = gm.get_submodule(str(n.target))
+        if isinstance(m, ActFakeQuant):
+            return m
+    return None
 
 
 def clear_kernel_arithmetic(gm: GraphModule) -> None:
