@@ -58,6 +58,7 @@ from graphopt.quant import (
     QuantLayer,
     absorbable_activation,
     anchor_inputs,
+    clear_kernel_arithmetic,
     op_kind,
     pool_window,
     quantizer_of,
@@ -226,8 +227,7 @@ class _Lowering:
         self.points: dict[str, str] = {}  # simulated quantizer node -> lowered node with the same value
         self.pools: dict[str, tuple[ActFakeQuant, int]] = {}  # lowered avg pool -> its simulated requantizer, window
         self.onednn_layers: dict[str, tuple[QuantLayer, bool]] = {}  # lowered oneDNN conv/linear -> simulated layer, relu
-        self.arithmetic_set: set[str] = set()  # simulated layers given their kernel's arithmetic
-        self.inexact: set[str] = set()  # ... that could not be (shared by calls with other qparams)
+        self.inexact: set[str] = set()  # simulated layers called with other qparams each time: no arithmetic
         self.unmodelled: list[str] = []  # quantized ops whose rounding the simulation does not reproduce
         self.requant_cats: dict[str, ActFakeQuant] = {}  # lowered cat requantizing its inputs -> its output quantizer
         self.fused_dequantize: set[str] = set()  # lowered ops reading inputs as fma(q, s, -zp*s)
@@ -384,10 +384,9 @@ class _Lowering:
             self.root[name] = _quantized_layer(q, relu, qp, self.engine)
             arith = KernelArithmetic(self.root[name].pack_engine, self.qp[n.args[0]], qp)
             new = self.graph.create_node("call_module", name, (self.env[n.args[0]],), name=n.name)
-            if str(n.target) in self.arithmetic_set and q.arithmetic != arith:
+            if q.arithmetic is not None and q.arithmetic != arith:
                 # one layer called twice with other qparams: a single arithmetic cannot describe both
                 self.inexact.add(str(n.target))
-            self.arithmetic_set.add(str(n.target))
             q.arithmetic = None if str(n.target) in self.inexact else arith
             if q.arithmetic is not None and arith.kernel == "onednn":
                 self.onednn_layers[new.name] = (q, relu)
@@ -672,6 +671,7 @@ def lower_quantized(program: Program, *, engine: str | None = None) -> tuple[Gra
     if cfg["activations"] != "u8" or want_rr != cfg["reduce_range"]:
         rederive(program, "u8", reduce_range=want_rr)
         rederived.append(f"activations re-derived as u8{' (reduce_range)' if want_rr else ''} from the same calibration")
+    clear_kernel_arithmetic(program.graph_module)  # nothing left over from another lowering
     with engine_scope(engine):
         lowering = _Lowering(program.graph_module, engine)
         gm = lowering.run()
@@ -1007,7 +1007,8 @@ class QuantizedArtifact(Artifact):
 
     def save_files(self, directory: Path) -> dict[str, Any]:
         files = save_graph(self.graph_module, directory, self.engine, self.points)
-        return {"backend": "torch-quantized-cpu", "engine": self.engine, "files": files}
+        return {"backend": "torch-quantized-cpu", "engine": self.engine, "files": files,
+                "not_bit_exact": self.stats.get("not_bit_exact", ["unknown"])}
 
 
 class CpuInt8Backend:
@@ -1032,7 +1033,9 @@ class CpuInt8Backend:
         engine = manifest.get("engine") or default_engine()
         gm, points = load_graph(directory, engine)
         specs = [InputSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"])) for i in manifest["inputs"]]
-        return QuantizedArtifact(gm, target, specs, engine, {"points": points})
+        not_exact = manifest.get("not_bit_exact", ["unknown"])
+        return QuantizedArtifact(gm, target, specs, engine,
+                                 {"points": points, "not_bit_exact": not_exact, "exact_simulation": not not_exact})
 
 
 BACKEND = CpuInt8Backend()

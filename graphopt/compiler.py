@@ -345,10 +345,7 @@ def compile(
             staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
             stage("saving")
             artifact.save(staging)
-            exact = getattr(artifact, "exact_simulation", False)
-            artifact = load_artifact(staging, host=host)  # verify what the user will load
-            if exact:  # same kernels, same packed weights: the program still simulates them exactly
-                artifact.exact_simulation = True
+            artifact = load_artifact(staging, host=host)
 
         stage("verifying")
         fp32_reference = before_quant.program or original

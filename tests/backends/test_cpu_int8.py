@@ -20,7 +20,7 @@ from graphopt import zoo
 from graphopt.errors import ArtifactError, UsageError
 from graphopt.pipeline import PassManager, parse_pipeline
 from graphopt.program import Program
-from graphopt.quant import check_lowering, check_lowering_local
+from graphopt.quant import ActFakeQuant, check_lowering, check_lowering_local
 
 QUANTIZED_LAYERS = (nnq.Conv2d, nnq.Linear, nniq.ConvReLU2d, nniq.LinearReLU)
 
@@ -220,9 +220,24 @@ def test_loaded_artifact_keeps_the_lowering_points(host, compiled, tmp_path):
     artifact.save(tmp_path)
     loaded = load_artifact(tmp_path, host=host)
     assert loaded.points == artifact.points
+    assert loaded.exact_simulation and artifact.exact_simulation  # the manifest keeps the claim
     for s in samples:
         assert torch.equal(loaded.run(*s), artifact.run(*s))
     assert check_lowering_local(program, loaded.graph_module, loaded.points, samples[:1]).ok
+
+
+def test_lowering_starts_from_plain_fake_quantization(host):
+    """Flags another lowering left on the program (ort-int8's QLinearAdd, its rounding)
+    are cleared: the cpu-int8 simulation is the same as on a fresh program."""
+    _, program, artifact, samples = compile_zoo(host, "resnet18")
+    fresh = [program.run(*s) for s in samples]
+    for m in program.graph_module.modules():
+        if isinstance(m, ActFakeQuant):
+            m.quantize_rounding, m.stash = "onnx", True
+    spec = host.targets.get("cpu-int8")
+    artifact = spec.backend.lower(program, spec)
+    assert all(torch.equal(program.run(*s), f) for s, f in zip(samples, fresh))
+    assert check_lowering(program, artifact.run, samples).max_abs_err == [0.0]
 
 
 def test_int8_artifact_is_small(compiled, tmp_path):
