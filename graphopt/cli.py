@@ -139,6 +139,8 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, output: 
     source = source or model_opt
     if not source:
         raise UsageError("missing SOURCE: zoo:NAME, pkg.module:factory, model.pt2 or model.pt (see graphopt compile --help)")
+    if calib_size and not calib_data:
+        raise UsageError("--calib-size resizes the images of a --calib-data folder; give --calib-data too")
     spec = host_with(plugins).targets.get(target)
     if engine and spec.backend.name != "torch-quantized-cpu":
         raise UsageError(f"--engine applies to the cpu-int8 target, not '{target}'")
@@ -265,16 +267,12 @@ def verify_cmd(artifact: Path, golden: Path, as_json: bool, **tol: Any) -> None:
     from graphopt.compiler import load_artifact, run_all
     from graphopt.errors import DataError, VerificationError
     from graphopt.report import Verification
-    from graphopt.verify import compare, load_golden
+    from graphopt.verify import check_golden_fits, compare, load_golden
 
     art = load_artifact(artifact)
     gold = load_golden(golden)
     tolerance = _tolerance(art.precision, tol)
-    for i, sample in enumerate(gold.inputs):
-        shapes = [tuple(t.shape) for t in sample]
-        want = [s.shape for s in art.input_specs]
-        if shapes != want:
-            raise DataError(f"golden '{golden}': input {i} has shapes {shapes} but '{artifact}' expects {want}")
+    check_golden_fits(gold, art.input_specs, f"golden '{golden}'", f"'{artifact}'")
     try:
         comparison = compare(gold.outputs, run_all(art.run, gold.inputs))
     except ValueError as exc:
@@ -315,42 +313,85 @@ def golden_record_cmd(source: str, output: Path, input_shapes: tuple[str, ...], 
     from graphopt.compiler import run_all
     from graphopt.data import samples_for
     from graphopt.errors import UsageError
-    from graphopt.verify import save_golden
+    from graphopt.verify import check_finite, save_golden
 
     if output.exists() and not force:
         raise UsageError(f"golden file '{output}' already exists; pass --force to replace it")
     if output.suffix != ".npz":
         raise UsageError(f"golden file '{output}' must end in .npz")
+    if not output.parent.is_dir():
+        raise UsageError(f"-o '{output}': folder '{output.parent}' does not exist")
     program = capture(source, input_shapes=_shapes(input_shapes), weights=weights, trust_pickle=trust_pickle)
     inputs = samples_for(program.input_specs, n=samples, seed=seed, path=calib_data)
     outputs = run_all(program.run, inputs)
+    check_finite(outputs)
     save_golden(output, inputs, outputs, {"source": source, "seed": seed})
     _console().print(f"wrote {output} ({len(inputs)} inputs)")
 
 
+def _one_line(text: str) -> str:
+    """The first line of a message; a longer one says where the rest is."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    return f"{lines[0]} (… more with --debug)"
+
+
+def _click_error(exc: click.ClickException) -> str:
+    """click's own usage errors (bad option value, unknown option, missing argument) as one line."""
+    message = " ".join(ln.strip() for ln in exc.format_message().splitlines() if ln.strip()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"graphopt: usage error: {message}{hint}"
+
+
+def _split_debug(args: list[str]) -> tuple[list[str], bool]:
+    """Remove ``--debug`` wherever it is (before a ``--``): it is accepted after the subcommand too."""
+    end = args.index("--") if "--" in args else len(args)
+    kept = [a for a in args[:end] if a != "--debug"] + args[end:]
+    return kept, len(kept) != len(args)
+
+
+def _exit_site(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run the CLI, turn errors into one line and an exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    """Entry point: run the CLI, turn errors into one line on stderr and an exit code.
+
+    Every error is one line unless ``--debug`` (anywhere on the command line) asks for the traceback.
+    """
+    args, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     try:
         cli.main(args=args, prog_name="graphopt", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
-    except click.ClickException as exc:  # usage errors from click itself
+    except click.exceptions.NoArgsIsHelpError as exc:  # `graphopt` alone: the help text
         exc.show()
+        return 2
+    except click.ClickException as exc:  # usage errors from click itself
+        click.echo(_click_error(exc), err=True)
         return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except SystemExit as exc:  # a plugin, factory or data source called sys.exit: it may not end graphopt silently
+        if debug:
+            traceback.print_exc()
+        click.echo(f"graphopt: error: sys.exit({exc.code!r}) was called{_exit_site(exc)} while graphopt was running; "
+                   "code graphopt runs must raise an exception instead (nothing was written)", err=True)
+        return 2
     except Exception as exc:
         from graphopt.errors import GraphoptError
 
         if debug:
             traceback.print_exc()
         if isinstance(exc, GraphoptError):
-            click.echo(f"graphopt: {exc.kind}: {exc}", err=True)
+            click.echo(f"graphopt: {exc.kind}: {_one_line(str(exc))}", err=True)
             return exc.exit_code
-        click.echo(f"graphopt: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        click.echo(f"graphopt: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+                   "(run with --debug for the traceback)", err=True)
         return EXIT_INTERNAL
     return 0
 

@@ -19,14 +19,14 @@ from typing import Any, TextIO
 
 import torch
 
-from graphopt.data import Sample, is_callable_source
-from graphopt.errors import UsageError, VerificationError, choices
+from graphopt.data import Sample, fresh, is_callable_source
+from graphopt.errors import ArtifactError, GraphoptError, UsageError, VerificationError, choices
 from graphopt.pipeline import Instrument, PassInvocation, PassManager, PassRecord, parse_pipeline
 from graphopt.plugins import PluginHost, default_host
 from graphopt.program import Program
 from graphopt.report import Report, Verification
 from graphopt.targets import Artifact, TargetSpec, read_manifest
-from graphopt.verify import Tolerance, compare, default_tolerance
+from graphopt.verify import Tolerance, check_finite, compare, default_tolerance
 
 __all__ = ["compile", "CompileResult", "load_artifact", "host_with", "measure_latency_ms", "run_all", "default_output_dir"]
 
@@ -51,8 +51,9 @@ def host_with(plugins: Sequence[str] = ()) -> PluginHost:
 
 
 def run_all(fn: Callable[..., Any], samples: Sequence[Sample]) -> list[Any]:
+    """``fn`` on every sample, each run on fresh copies (a model that writes into its input changes nothing)."""
     with torch.inference_mode():
-        return [fn(*s) for s in samples]
+        return [fn(*fresh(s)) for s in samples]
 
 
 def measure_latency_ms(fn: Callable[..., Any], sample: Sample, *, min_runs: int = 5, budget_s: float = 0.5) -> float:
@@ -60,11 +61,12 @@ def measure_latency_ms(fn: Callable[..., Any], sample: Sample, *, min_runs: int 
     times: list[float] = []
     with torch.inference_mode():
         for _ in range(2):
-            fn(*sample)
+            fn(*fresh(sample))
         deadline = time.perf_counter() + budget_s
         while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < 200):
+            args = fresh(sample)
             t0 = time.perf_counter()
-            fn(*sample)
+            fn(*args)
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -294,6 +296,7 @@ def compile(
         program.calibration = list(cal.samples)
         program.meta["calibration_progress"] = lambda done, total: stage("calibrating", done, total)
     references = run_all(original.run, samples)
+    check_finite(references)  # a NaN from the original is the model's, not a pass's or the lowering's
 
     all_instruments: list[Instrument] = []
     recovery: Recovery | None = None
@@ -442,4 +445,11 @@ def load_artifact(directory: str | Path, *, host: PluginHost | None = None) -> A
     host = host or default_host()
     spec = host.targets.get(manifest["target"])
     spec.check_available()
-    return spec.backend.load(directory, manifest, spec)
+    try:
+        return spec.backend.load(directory, manifest, spec)
+    except GraphoptError:
+        raise
+    except Exception as exc:  # a damaged file (truncated model.pt2, ...): the artifact's fault, said in one line
+        from graphopt.capture.common import first_line
+
+        raise ArtifactError(f"artifact '{directory}' ({spec.name}) cannot be loaded: {first_line(exc)}") from None

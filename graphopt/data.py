@@ -18,6 +18,7 @@ Every array is checked: shape, a floating dtype, finite values, at least one sam
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,10 +28,11 @@ import numpy as np
 import torch
 
 from graphopt.errors import DataError, choices
-from graphopt.program import InputSpec
+from graphopt.program import InputSpec, input_bytes, size_text
 
 __all__ = [
     "Sample",
+    "fresh",
     "random_samples",
     "load_samples",
     "samples_for",
@@ -39,6 +41,7 @@ __all__ = [
     "load_image_folder",
     "load_callable",
     "is_callable_source",
+    "available_memory",
     "NORMALIZATIONS",
     "RANDOM_CALIBRATION_WARNING",
 ]
@@ -46,7 +49,34 @@ __all__ = [
 Sample = tuple[torch.Tensor, ...]
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux ``MemAvailable``, else ``os.sysconf``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def fresh(sample: Sample) -> Sample:
+    """Copies of a sample's tensors: what every run of a model gets, so it cannot change the inputs."""
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in sample)
+
+
 def random_samples(specs: Sequence[InputSpec], n: int, seed: int = 0) -> list[Sample]:
+    """``n`` seeded random samples; refused (DataError) before allocation when they would not fit in memory."""
+    need = n * sum(input_bytes(s.shape, s.dtype) for s in specs)
+    free = available_memory()
+    if free is not None and need > free:
+        shapes = ", ".join(s.shape_text() for s in specs)
+        raise DataError(f"{n} random samples of input shape {shapes} need {size_text(need)} but only {size_text(free)} "
+                        "of memory is available; use a smaller --input-shape or fewer --calib-samples/--verify-samples")
     g = torch.Generator().manual_seed(seed)
     return [tuple(s.random(g) for s in specs) for _ in range(n)]
 
@@ -179,9 +209,15 @@ def _parse_size(size: str | Sequence[int] | None, spec: InputSpec) -> tuple[int,
         parts = size.lower().split("x")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
             raise DataError(f"image size '{size}' is not HxW (for example 224x224)")
-        return int(parts[0]), int(parts[1])
-    h, w = size
-    return int(h), int(w)
+        h, w = int(parts[0]), int(parts[1])
+    else:
+        h, w = (int(d) for d in size)
+    # checked before any image is resized: any other size could not feed the input anyway
+    if len(spec.shape) == 4 and (h, w) != tuple(spec.shape[2:]):
+        text = size if isinstance(size, str) else f"{h}x{w}"
+        raise DataError(f"--calib-size {text} does not fit input '{spec.name}' of shape {spec.shape}: "
+                        f"images must be resized to its {spec.shape[2]}x{spec.shape[3]} (the default)")
+    return h, w
 
 
 def load_image_folder(
@@ -312,6 +348,8 @@ def calibration_samples(
                                RANDOM_CALIBRATION_WARNING)
     text = str(source)
     path = Path(text)
+    if image_size is not None and not path.is_dir():
+        raise DataError(f"--calib-size applies to a folder of images; --calib-data '{text}' is not a folder")
     if path.is_dir():
         samples = load_image_folder(path, specs, size=image_size, normalize=normalize, mean=mean, std=std)
         kind = "images"

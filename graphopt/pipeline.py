@@ -474,6 +474,20 @@ class Instrument(Protocol):
     def after_pass(self, invocation: PassInvocation, program: Program, record: PassRecord) -> None: ...
 
 
+def _fingerprint(program: Program) -> tuple[str, tuple[tuple[str, tuple[int, ...]], ...]]:
+    """The graph's text and every parameter's and buffer's shape: what a pass must not change silently."""
+    gm = program.graph_module
+    tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    return str(program.graph), tuple((name, tuple(t.shape)) for name, t in tensors)
+
+
+def _one_line(exc: BaseException, typed: bool = True) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r}); a pass must return a PassResult or raise"
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {line}" if typed or not line else line
+
+
 class PassManager:
     """Runs a pipeline in order: time, node counts, lint, recompile, shapes, instruments."""
 
@@ -490,6 +504,7 @@ class PassManager:
                 if hook:
                     hook(inv, program)
             before = program.node_count()
+            fingerprint = _fingerprint(program)
             start = time.perf_counter()
             try:
                 result = inv.spec(program, **inv.options)
@@ -501,14 +516,17 @@ class PassManager:
                     exc.message = f"pass '{inv.name}': {exc.message}"
                     exc.args = (exc.message,)
                 raise
-            except Exception as exc:  # the pass's bug, reported with its name
-                raise PassError(inv.name, done, exc) from exc
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # the pass's bug (even sys.exit), reported with its name
+                raise PassError(inv.name, done, _one_line(exc)) from exc
             seconds = time.perf_counter() - start
-            if result.changed:
+            # a pass that says it changed nothing but did (graph or weight shapes) is checked all the same
+            if result.changed or _fingerprint(program) != fingerprint:
                 try:
                     program.propagate_shapes()
                 except Exception as exc:
-                    raise PassError(inv.name, done, f"the rewritten graph no longer runs: {type(exc).__name__}: {exc}") from exc
+                    raise PassError(inv.name, done, f"the rewritten graph no longer runs: {_one_line(exc, typed=False)}") from exc
             record = PassRecord(
                 name=inv.name,
                 options=dict(inv.options),

@@ -8,15 +8,36 @@ with, and ``meta``: where it came from and what passes learned about it.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-__all__ = ["InputSpec", "Program", "flatten_outputs", "delete_unused_submodules", "name_prefixes"]
+__all__ = ["InputSpec", "Program", "flatten_outputs", "delete_unused_submodules", "name_prefixes", "MAX_INPUT_BYTES",
+           "input_bytes", "size_text"]
+
+#: The largest input tensor graphopt will make (random inputs, calibration, verification): 2 GiB.
+#: A bigger ``--input-shape`` is refused before anything is allocated.
+MAX_INPUT_BYTES = 2 * 1024**3
+
+
+def input_bytes(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one tensor of ``shape`` and ``dtype`` (computed without allocating it)."""
+    return math.prod(int(d) for d in shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def size_text(n: float) -> str:
+    """``3221225472`` -> ``'3 GiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -76,9 +97,13 @@ class Program:
         return dict(self.graph_module.named_modules())
 
     def propagate_shapes(self) -> None:
-        """Fill ``node.meta['tensor_meta']`` by running the example inputs (ShapeProp)."""
+        """Fill ``node.meta['tensor_meta']`` by running the example inputs (as fx's ShapeProp does).
+
+        A node that fails raises a RuntimeError whose one-line message names it (fx's
+        ShapeProp prints a traceback to stderr first; this does not).
+        """
         with torch.no_grad():
-            ShapeProp(self.graph_module).propagate(*self.example_inputs)
+            _ShapeProp(self.graph_module).run(*(t.clone() for t in self.example_inputs))
 
     def clone(self) -> "Program":
         """A deep copy: rewriting the clone never touches this Program's weights."""
@@ -88,6 +113,31 @@ class Program:
     def recompile(self) -> None:
         self.graph.lint()
         self.graph_module.recompile()
+
+
+class _ShapeProp(torch.fx.Interpreter):
+    """``torch.fx.passes.shape_prop.ShapeProp`` without fake tensors, and quiet on failure."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+            raise RuntimeError(f"node '{n.name}' ({n.op} {n.target}) failed: {type(exc).__name__}: {reason}") from exc
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
-from graphopt.errors import ArtifactError, BackendUnavailableError, UsageError
-from graphopt.program import InputSpec, Program
+from graphopt.errors import ArtifactError, BackendUnavailableError, UsageError, choices
+from graphopt.program import MAX_INPUT_BYTES, InputSpec, Program, input_bytes, size_text
 from graphopt.registry import Registry
 
 __all__ = [
@@ -117,6 +117,34 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"'{path}' is unreadable: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"'{path}' is a JSON {type(manifest).__name__}, expected an object")
     if manifest.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"'{path}' has format {manifest.get('format')!r}, expected '{ARTIFACT_FORMAT}'")
+    for key in ("target", "precision"):
+        if not isinstance(manifest.get(key), str):
+            raise ArtifactError(f"'{path}': '{key}' is {manifest.get(key)!r}, expected a name")
+    _check_inputs(manifest.get("inputs"), path)
     return manifest
+
+
+#: The input dtypes a manifest may name (what ``Artifact.save`` writes for the inputs graphopt captures).
+INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+def _check_inputs(inputs: Any, path: Path) -> None:
+    """The manifest's ``inputs``: a non-empty list of {name, shape, dtype}, checked before any backend reads them."""
+    if not isinstance(inputs, list) or not inputs:
+        raise ArtifactError(f"'{path}': 'inputs' is {inputs!r}, expected a list of {{name, shape, dtype}}")
+    for i, item in enumerate(inputs):
+        where = f"'{path}': input {i}"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ArtifactError(f"{where} is {item!r}, expected {{name, shape, dtype}}")
+        shape = item.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise ArtifactError(f"{where} ('{item['name']}') has shape {shape!r}, expected a list of positive ints")
+        if input_bytes(shape) > MAX_INPUT_BYTES:
+            raise ArtifactError(f"{where} ('{item['name']}') has shape {shape}: {size_text(input_bytes(shape))}, "
+                                f"over graphopt's {size_text(MAX_INPUT_BYTES)} limit per input")
+        if item.get("dtype") not in INPUT_DTYPES:
+            raise ArtifactError(f"{where} ('{item['name']}') has dtype {item.get('dtype')!r}; valid: {choices(INPUT_DTYPES)}")

@@ -42,8 +42,8 @@ def _samples(inputs: Any) -> list[tuple[Any, ...]]:
 def _run(fn: Callable[..., Any], samples: Sequence[tuple[Any, ...]]) -> list[Any]:
     import torch
 
-    with torch.inference_mode():
-        return [fn(*s) for s in samples]
+    with torch.inference_mode():  # every run gets copies: a model writing into its input changes nothing
+        return [fn(*(t.clone() if isinstance(t, torch.Tensor) else t for t in s)) for s in samples]
 
 
 def assert_equivalent(

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graphopt.errors import ArtifactError, UsageError, choices
+from graphopt.errors import ArtifactError, DataError, GraphoptError, UsageError, VerificationError, choices
 from graphopt.program import flatten_outputs
 
 __all__ = [
@@ -34,9 +34,11 @@ __all__ = [
     "Comparison",
     "compare",
     "default_tolerance",
+    "check_finite",
     "Golden",
     "save_golden",
     "load_golden",
+    "check_golden_fits",
 ]
 
 
@@ -52,6 +54,16 @@ class Metrics:
         return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
 
 
+#: Each bound's valid range (inclusive): an error bound is >= 0, cosine and top-1 are bounded.
+_BOUNDS = (
+    ("max_abs_err", 0.0, math.inf),
+    ("max_rel_err", 0.0, math.inf),
+    ("min_cosine", -1.0, 1.0),
+    ("min_sqnr_db", -math.inf, math.inf),
+    ("min_top1", 0.0, 1.0),
+)
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """Bounds a comparison must meet; ``None`` means the metric is not checked."""
@@ -61,6 +73,16 @@ class Tolerance:
     min_cosine: float | None = None
     min_sqnr_db: float | None = None
     min_top1: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in _BOUNDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+            if not ok:  # also refuses NaN, which no comparison can meet or fail
+                valid = f"a number >= {lo:g}" if hi == math.inf else f"a number in [{lo:g}, {hi:g}]"
+                raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be {valid}")
 
     def violations(self, m: Metrics) -> list[str]:
         out = []
@@ -142,8 +164,28 @@ def _tensor_metrics(ref: torch.Tensor, cand: torch.Tensor) -> Metrics:
     return Metrics(max_abs, max_rel, min(cosine, 1.0), sqnr, None)
 
 
+def check_finite(outputs: Sequence[Any], who: str = "the original model", error: type[GraphoptError] = DataError) -> None:
+    """``error`` (a DataError: bad input) naming the first input for which ``outputs`` hold NaN or Inf.
+
+    Run on the original's outputs before anything is compared, so a broken model (NaN
+    weights, an overflow) is not blamed on a pass or a lowering.
+    """
+    for i, out in enumerate(outputs):
+        for k, t in enumerate(flatten_outputs(out)):
+            if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+                which = f"output {k} " if len(flatten_outputs(out)) > 1 else ""
+                raise error(f"{who} produces NaN/Inf ({which}for input {i}): check its weights and inputs; "
+                                "there is nothing to verify against")
+
+
 def compare(references: Sequence[Any], candidates: Sequence[Any]) -> Comparison:
-    """Compare per-sample outputs (each a tensor or a nest of tensors)."""
+    """Compare per-sample outputs (each a tensor or a nest of tensors).
+
+    Raises :class:`~graphopt.errors.VerificationError` when a reference holds NaN/Inf
+    or when there is nothing to compare (no samples, or outputs without values): a
+    comparison never passes vacuously.
+    """
+    check_finite(references, "the reference", VerificationError)
     if len(references) != len(candidates):
         raise ValueError(f"{len(references)} reference outputs but {len(candidates)} candidate outputs")
     total = Metrics()
@@ -168,6 +210,9 @@ def compare(references: Sequence[Any], candidates: Sequence[Any]) -> Comparison:
             total.cosine = min(total.cosine, m.cosine)
             total.sqnr_db = min(total.sqnr_db, m.sqnr_db)
     total.top1_agreement = agree / rows if rows else None
+    if not sum(math.prod(e.shape) for e in per_output):
+        raise VerificationError(f"nothing to compare: {len(references)} inputs, {len(per_output)} output tensors, "
+                                "0 values; a check without values cannot pass")
     return Comparison(total, per_output)
 
 
@@ -193,9 +238,15 @@ def save_golden(path: str | Path, inputs: Sequence[Sequence[torch.Tensor]], outp
     full = {"format": "graphopt-golden/1", "samples": len(inputs), **meta}
     arrays["meta"] = np.array(json.dumps(full))
     path = Path(path)
+    if not path.parent.is_dir():
+        raise ArtifactError(f"cannot write golden file '{path}': folder '{path.parent}' does not exist")
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    try:
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ArtifactError(f"cannot write golden file '{path}': {exc.strerror or exc}") from None
 
 
 def load_golden(path: str | Path) -> Golden:
@@ -208,15 +259,35 @@ def load_golden(path: str | Path) -> Golden:
             arrays = {k: data[k] for k in data.files if k != "meta"}
     except Exception as exc:
         raise ArtifactError(f"golden file '{path}' is not a graphopt golden file: {type(exc).__name__}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"golden file '{path}': its meta is a JSON {type(meta).__name__}, expected an object")
     if meta.get("format") != "graphopt-golden/1":
         raise ArtifactError(f"golden file '{path}' has format {meta.get('format')!r}, expected 'graphopt-golden/1'")
+    n = meta.get("samples")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ArtifactError(f"golden file '{path}': 'samples' is {n!r}, expected a whole number >= 1")
+    for key, array in arrays.items():
+        if array.dtype.kind not in "biuf":
+            raise ArtifactError(f"golden file '{path}': array '{key}' has dtype {array.dtype}, expected numbers")
 
     def collect(prefix: str, i: int) -> list[torch.Tensor]:
         out, k = [], 0
         while f"{prefix}_{i}_{k}" in arrays:
             out.append(torch.from_numpy(arrays[f"{prefix}_{i}_{k}"]))
             k += 1
+        if not out:
+            raise ArtifactError(f"golden file '{path}' has no '{prefix}_{i}_0' array but says it holds {n} samples")
         return out
 
-    n = int(meta["samples"])
     return Golden([tuple(collect("input", i)) for i in range(n)], [collect("output", i) for i in range(n)], meta)
+
+
+def check_golden_fits(golden: Golden, specs: Sequence[Any], what: str, model: str) -> None:
+    """A DataError unless every golden input has the shapes and dtypes of ``specs`` (the model's InputSpecs)."""
+    want = [(tuple(s.shape), s.dtype) for s in specs]
+    for i, sample in enumerate(golden.inputs):
+        got = [(tuple(t.shape), t.dtype) for t in sample]
+        if got != want:
+            text = ", ".join(f"{list(sh)} {str(dt).replace('torch.', '')}" for sh, dt in got)
+            expected = ", ".join(f"{list(sh)} {str(dt).replace('torch.', '')}" for sh, dt in want)
+            raise DataError(f"{what}: input {i} is {text} but {model} expects {expected}")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from graphopt.capture import export, factory, module, pickle_file, zoo_source
-from graphopt.capture.common import KNOWN_FORMATS, sniff_archive
+from graphopt.capture.common import KNOWN_FORMATS, sniff_archive, too_big
 from graphopt.errors import CaptureError, UsageError
 from graphopt.program import Program
 
@@ -46,12 +46,15 @@ def parse_shape(text: str) -> tuple[int, ...]:
     """``"1x3x224x224"`` -> ``(1, 3, 224, 224)``.
 
     Raises :class:`~graphopt.errors.UsageError` for anything but positive integers
-    joined by ``x``.
+    joined by ``x``, and for a shape whose float32 tensor would exceed
+    :data:`graphopt.program.MAX_INPUT_BYTES` (2 GiB), before anything is allocated.
     """
     cleaned = text.strip() if isinstance(text, str) else ""
     dims = tuple(int(d) for d in cleaned.split("x")) if _SHAPE.match(cleaned) else ()
     if not dims or any(d <= 0 for d in dims):
         raise UsageError(f"--input-shape {text!r}: expected positive integers joined by 'x', like 1x3x224x224")
+    if too_big(dims):
+        raise UsageError(f"--input-shape {text!r}: {too_big(dims)}")
     return dims
 
 

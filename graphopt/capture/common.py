@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 from graphopt.errors import CaptureError, choices
-from graphopt.program import InputSpec, Program
+from graphopt.program import MAX_INPUT_BYTES, InputSpec, Program, flatten_outputs, input_bytes, size_text
 
 __all__ = [
     "KNOWN_FORMATS",
@@ -29,6 +29,7 @@ __all__ = [
     "where",
     "shape_text",
     "check_shapes",
+    "too_big",
     "model_input_shapes",
     "cwd_on_path",
     "state_dict_of",
@@ -90,6 +91,15 @@ def shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(int(d)) for d in shape)
 
 
+def too_big(shape: Sequence[int]) -> str | None:
+    """Why an input of ``shape`` (float32) is refused before allocation, or None when it fits."""
+    size = input_bytes(shape)
+    if size <= MAX_INPUT_BYTES:
+        return None
+    return (f"an input of shape {shape_text(shape)} would take {size_text(size)} as float32; "
+            f"graphopt refuses inputs over {size_text(MAX_INPUT_BYTES)} each")
+
+
 def check_shapes(shapes: Sequence[Any], label: str) -> list[tuple[int, ...]]:
     """Validate user-given input shapes (tuples of positive ints, or '1x3x8x8' text)."""
     from graphopt.capture import parse_shape  # the package's public parser
@@ -108,6 +118,8 @@ def check_shapes(shapes: Sequence[Any], label: str) -> list[tuple[int, ...]]:
             ok = False
         if not ok:
             raise CaptureError(f"input shape {shape!r} for {label} is invalid: expected a tuple of positive ints, like (1, 3, 224, 224)")
+        if too_big(dims):
+            raise CaptureError(f"input shape {shape_text(dims)} for {label}: {too_big(dims)}")
         out.append(dims)
     if not out:
         raise CaptureError(f"no input shapes were given for {label}; pass at least one, like (1, 3, 224, 224)")
@@ -245,6 +257,37 @@ def _shapes_phrase(inputs: Sequence[torch.Tensor]) -> str:
     return f"input shapes {', '.join(texts)} do not fit"
 
 
+def _run_twice(model: torch.nn.Module, inputs: Sequence[torch.Tensor], label: str) -> tuple[list[torch.Tensor], ...]:
+    runs = []
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                runs.append(flatten_outputs(model(*(t.clone() for t in inputs))))
+    except Exception as exc:  # noqa: BLE001
+        raise CaptureError(f"{label} failed when run on its example inputs{where(exc)}: {type(exc).__name__}: {first_line(exc)}") from exc
+    return tuple(runs)
+
+
+def check_deterministic(model: torch.nn.Module, inputs: Sequence[torch.Tensor], label: str) -> None:
+    """Run ``model`` twice on copies of the same inputs; a CaptureError when the outputs differ.
+
+    A model that draws random numbers in ``forward`` (``torch.randn``, dropout with
+    ``training=True``) cannot be verified: the comparison would measure the noise, or the
+    trace would freeze one draw and "verify" something the model never computes.
+    """
+    a, b = _run_twice(model, inputs, label)
+    same = len(a) == len(b) and all(
+        x.shape == y.shape and torch.allclose(x.double(), y.double(), rtol=1e-5, atol=1e-6, equal_nan=True)
+        for x, y in zip(a, b)
+    )
+    if not same:
+        raise CaptureError(
+            f"{label} is nondeterministic: two runs on the same input give different outputs; graphopt can only "
+            "verify a deterministic model: put it in eval mode and remove randomness from forward "
+            "(torch.randn/rand, dropout with training=True)"
+        )
+
+
 def finish(
     gm: torch.fx.GraphModule,
     label: str,
@@ -254,12 +297,17 @@ def finish(
     example_inputs: Sequence[torch.Tensor] | None = None,
     dtypes: Sequence[torch.dtype] | None = None,
     given_as: str = "--input-shape",  # or "example input"
+    original: torch.nn.Module | None = None,
 ) -> Program:
     """Check the inputs against the graph's placeholders, run the graph once at those
-    shapes (naming the node that fails), and return the Program with shapes propagated.
+    shapes (naming the node that fails), check that the model returns tensors and is
+    deterministic, and return the Program with shapes propagated.
 
     ``shapes`` become seeded random inputs (``dtypes`` per input, float32 by default);
-    ``example_inputs`` are used as given (copied).
+    ``example_inputs`` are used as given (copied). ``original`` is the eager module the
+    graph was traced from: it is the one run twice for the determinism check (tracing
+    freezes ``torch.randn(2, 3)``-style noise into a constant, so the graph would look
+    deterministic).
     """
     gm.eval()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -286,11 +334,15 @@ def finish(
     recorder = _NodeRecorder(gm)
     try:
         with torch.no_grad():
-            recorder.run(*inputs)
+            first = recorder.run(*(t.clone() for t in inputs))
     except Exception as exc:  # noqa: BLE001 - any failure here is the input's fault or the model's
         node = recorder.current
         at = f"node '{node.name}' ({_describe(gm, node)}) failed" if node is not None else "it failed"
         raise CaptureError(f"{_shapes_phrase(inputs)} {label}: {at}: {first_line(exc)}") from exc
+    if not flatten_outputs(first) or not any(t.numel() for t in flatten_outputs(first)):
+        raise CaptureError(f"{label} returns no tensor values (it returned {type(first).__name__}); "
+                           "graphopt verifies a model by comparing its outputs, so forward must return tensors")
+    check_deterministic(original if original is not None else gm, inputs, label)
 
     meta = dict(meta)
     meta["input_shapes"] = [list(t.shape) for t in inputs]

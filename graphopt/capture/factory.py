@@ -89,9 +89,9 @@ def from_factory(
 ) -> Program:
     """Capture ``pkg.module:callable``; ``weights`` is a state_dict file to load first."""
     label = f"'{spec}'"
-    built, made_for_us = build_from_factory(spec)
-    # a model the factory just made is graphopt's; a model object the module holds is copied
-    model = built.eval() if made_for_us else copy_for_inference(built, label)[0]
+    built, _ = build_from_factory(spec)
+    # always a copy: a factory may hand out a model it keeps (a cache, a module-level singleton)
+    model = copy_for_inference(built, label)[0]
     if weights is not None:
         from graphopt.capture.weights import load_weights
 

@@ -93,7 +93,7 @@ def program_from_module(
     """
     if example_inputs is not None:
         gm = trace(model, label, len(example_inputs))
-        return finish(gm, label, meta, example_inputs=example_inputs, given_as="example input")
+        return finish(gm, label, meta, example_inputs=example_inputs, given_as="example input", original=model)
     shapes = (
         check_shapes(input_shapes, label) if input_shapes is not None
         else fallback_shapes or model_input_shapes(model, label)
@@ -101,7 +101,7 @@ def program_from_module(
     if shapes is None:
         raise CaptureError(f"{label}: the input shape is unknown; {missing_hint}")
     gm = trace(model, label, len(shapes))
-    return finish(gm, label, meta, shapes=shapes)
+    return finish(gm, label, meta, shapes=shapes, original=model)
 
 
 def from_module(
