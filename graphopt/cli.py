@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 backend unavail
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import traceback
 from collections.abc import Sequence
@@ -363,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Every error is one line unless ``--debug`` (anywhere on the command line) asks for the traceback.
     """
     args, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    if not debug:  # libraries' log warnings (torch logs tracebacks before re-raising) would break the one line
+        logging.disable(logging.WARNING)
     try:
         cli.main(args=args, prog_name="graphopt", standalone_mode=False)
     except click.exceptions.Abort:
@@ -393,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         click.echo(f"graphopt: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
                    "(run with --debug for the traceback)", err=True)
         return EXIT_INTERNAL
+    finally:
+        logging.disable(logging.NOTSET)
     return 0
 
 
