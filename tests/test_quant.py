@@ -11,6 +11,7 @@ import torch.fx
 from torch import nn
 
 from graphopt.program import Program
+from graphopt.passes.insert_quant_stubs import keep_fp32_auto
 from graphopt.quant import (
     META_KEY,
     Observer,
@@ -19,13 +20,11 @@ from graphopt.quant import (
     activation_qparams,
     check_lowering,
     check_lowering_local,
-    _quantiles,
-    keep_fp32_auto,
     quantization_error,
     quantize_program,
     select_range,
-    weight_qparams,
 )
+from graphopt.quant.calibrate import _quantiles, weight_qparams
 from graphopt.verify import Tolerance
 
 

@@ -138,7 +138,7 @@ def test_one_calibration_serves_both_schemes(host):
     u8 = {n: (float(m.scale), int(m.zero_point), m.quant_min) for n, m in quantizers(program.graph_module).items()}
     calls = []
     program.calibration = None  # re-deriving never touches data
-    import graphopt.quant as q
+    import graphopt.quant.place as q
 
     original = q.calibrate
     q.calibrate = lambda *a, **k: calls.append(1)  # type: ignore[assignment]
