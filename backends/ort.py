@@ -10,7 +10,7 @@ tried), checks it with ``onnx.checker`` and runs it in an ``InferenceSession``
 model built from the program's own calibrated qparams (ONNX Runtime's quantizer is never
 asked for any):
 
-- every enabled :class:`~graphopt.quant.ActFakeQuant` exports as a
+- every :class:`~graphopt.quant.ActFakeQuant` exports as a
   ``QuantizeLinear → DequantizeLinear`` pair with its scale and zero point (``uint8``
   for the ``u8`` scheme, ``int8`` with zero point 0 for ``s8``; a reduced range gets a
   ``Clip`` before the pair, since ONNX saturates at the full 8-bit range);
@@ -55,6 +55,7 @@ import io
 import operator
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -70,13 +71,16 @@ from graphopt.program import InputSpec, Program
 from graphopt.quant import (
     META_KEY,
     ActFakeQuant,
-    KernelArithmetic,
+    LayerArithmetic,
     OpKind,
-    PoolRounding,
     QParams,
     QuantLayer,
+    Rounding,
     absorbable_activation,
     clear_kernel_arithmetic,
+    is_add,
+    is_cat,
+    is_relu,
     op_kind,
     pool_window,
     quantizer_of,
@@ -438,26 +442,18 @@ def _qdq_module(sim: GraphModule) -> tuple[GraphModule, dict[str, int]]:
     graph.output(graph.graph_copy(sim.graph, copied))
     sim_name = {new: old.name for old, new in copied.items()}
     root: dict[str, Any] = {}
-    counts = {"activation_quantizers": 0, "int8_layers": 0, "float_layers": 0}
+    counts = {"activation_quantizers": 0, "int8_layers": 0}
     for n in list(graph.nodes):
         if n.op == "call_module":
             target = str(n.target)
             m = sim.get_submodule(target)
             if isinstance(m, ActFakeQuant):
-                if not m.enabled:
-                    n.replace_all_uses_with(n.args[0])
-                    graph.erase_node(n)
-                    continue
                 qp: QParams = m.qparams
                 root[target] = _ActMarker(_ActQDQ(sim_name[n], qp.scale, qp.zero_point, qp.quant_min, qp.quant_max))
                 counts["activation_quantizers"] += 1
             elif isinstance(m, QuantLayer):
-                if m.enabled:
-                    root[target] = _QDQLayer(target, m)
-                    counts["int8_layers"] += 1
-                else:
-                    root[target] = m.layer
-                    counts["float_layers"] += 1
+                root[target] = _QDQLayer(target, m)
+                counts["int8_layers"] += 1
             else:
                 root[target] = m
         elif n.op == "get_attr":
@@ -732,24 +728,135 @@ def export_int8(program: Program, *, pin_fp32_layers: bool = True) -> tuple[byte
     return model.SerializeToString(), fields, spec
 
 
+# ---------------------------------------------------------------------------------------
+# int8: ONNX Runtime's arithmetic, as strategies for the simulated program
+
+
+@dataclass(frozen=True)
+class QLinearConvArithmetic(LayerArithmetic):
+    """ONNX Runtime's QLinearConv/QGemm (fused from QDQ): the fp32 bias becomes int32 at steps
+    of ``s_in*s_w`` (float32 division, half to even) added to the accumulator, then scaled by
+    float32 ``(s_in*s_w)/s_out``, rounded half to even; the zero point is added after."""
+
+    def requantize(self, acc: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        act_times_w = torch.tensor(self.input.scale, dtype=torch.float32) * w_scale.float()
+        bias_int = torch.round(bias / act_times_w)
+        pre = (acc + bias_int.double()).float() * (act_times_w / torch.tensor(self.output.scale, dtype=torch.float32))
+        return torch.round(pre) + self.output.zero_point
+
+
+@dataclass(eq=False)
+class OrtRounding(Rounding):
+    """ONNX Runtime's rounding of one quantizer's value.
+
+    ``divide``: QuantizeLinear (and QLinearConcat) round ``x / scale`` (fake-quantization
+    multiplies by ``1/scale``). ``keep_integers``: remember the last integers handed on
+    (``last``), for a :class:`QLinearAdd` downstream that reads them.
+    """
+
+    divide: bool = False
+    keep_integers: bool = False
+    last: torch.Tensor | None = field(default=None, repr=False)
+
+    def integers(self, fq: ActFakeQuant, x: torch.Tensor) -> torch.Tensor:
+        if self.divide:
+            return torch.round(x / fq.scale.float()) + int(fq.zero_point)
+        return super().integers(fq, x)
+
+    def value(self, fq: ActFakeQuant, q: torch.Tensor) -> torch.Tensor:
+        if self.keep_integers:
+            self.last = q
+        return super().value(fq, q)
+
+
+@dataclass(eq=False)
+class QLinearGlobalAveragePool(OrtRounding):
+    """QLinearGlobalAveragePool over ``size`` elements: ``round(float(sum) * (s / (s * size))) + zp``."""
+
+    size: int = 1
+
+    def integers(self, fq: ActFakeQuant, x: torch.Tensor) -> torch.Tensor:
+        # x is the fp32 mean of values on this grid: the integer sum is recovered exactly
+        acc = torch.round(x.double() / float(fq.scale) * self.size)
+        s = fq.scale.float()
+        return torch.round(acc.float() * (s / (s * float(self.size)))) + int(fq.zero_point)
+
+
+@dataclass(eq=False)
+class QLinearAveragePool(OrtRounding):
+    """QLinearAveragePool: ``round(mean / s + zp)`` on the float mean of the dequantized window
+    (which the simulated pool computes identically)."""
+
+    def integers(self, fq: ActFakeQuant, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x / fq.scale.float() + int(fq.zero_point))
+
+
+@dataclass(eq=False)
+class QLinearAdd(OrtRounding):
+    """ONNX Runtime's QLinearAdd of the values of quantizers ``a`` and ``b``, from their integers.
+
+    Reads the last integers their :class:`OrtRounding` kept, each replayed through the
+    data-movement ops between (``paths``: ``(op, extra args)`` for max pool, flatten...).
+    MLAS computes ``fma(ra, A, fma(rb, B, zp_c - fma(ra, zp_a, rb * zp_b)))`` with
+    ``ra = s_a/s_c``, ``rb = s_b/s_c``, float32 throughout (a float64 product of two
+    float32 values is exact: one rounding per fused multiply-add), rounded half to even.
+    """
+
+    a: ActFakeQuant | None = None
+    b: ActFakeQuant | None = None
+    paths: tuple[tuple[tuple[Any, tuple[Any, ...]], ...], ...] = ((), ())
+
+    def _operands(self) -> list[torch.Tensor] | None:
+        ints = []
+        for fq, path in zip((self.a, self.b), self.paths):
+            t = fq.rounding.last if isinstance(fq.rounding, OrtRounding) else None
+            if t is None:
+                return None
+            for op, extra in path:  # max pool, flatten, view...: they move integers as they move values
+                t = getattr(t, op)(*extra) if isinstance(op, str) else op(t, *extra)
+            ints.append(t)
+        return ints
+
+    def integers(self, fq: ActFakeQuant, x: torch.Tensor) -> torch.Tensor:
+        ints = self._operands()
+        if ints is None or any(t.shape != x.shape for t in ints):
+            return super().integers(fq, x)
+        qa, qb = ints
+        sc = fq.scale.float()
+        ra, rb = self.a.scale.float() / sc, self.b.scale.float() / sc
+        fixed = (ra.double() * int(self.a.zero_point) + (rb * int(self.b.zero_point)).double()).float()
+        adj = torch.tensor(float(int(fq.zero_point)), dtype=torch.float32) - fixed
+        inner = (rb.double() * qb.double() + adj.double()).float()
+        return torch.round((ra.double() * qa.double() + inner.double()).float())
+
+
+def _ort_rounding(fq: ActFakeQuant, rule: OrtRounding | None = None) -> OrtRounding:
+    """Install ``rule`` on ``fq`` (keeping whether its integers are kept), or its current ORT rounding."""
+    current = fq.rounding if isinstance(fq.rounding, OrtRounding) else None
+    if rule is None:
+        rule = current or OrtRounding()
+    elif current is not None:
+        rule.keep_integers = current.keep_integers
+    fq.rounding = rule
+    return rule
+
+
 def set_ort_arithmetic(sim: GraphModule) -> list[str]:
     """Make the simulated program round as ONNX Runtime's int8 kernels do; return what is not modelled.
 
     Measured against onnxruntime 1.32 (``tests/backends/test_ort.py``): QLinearConv and
     QGemm take the fp32 bias as int32 at steps of ``s_in * s_w`` and requantize with one
-    float32 multiplier (:class:`~graphopt.quant.KernelArithmetic` ``ort``);
-    QLinearGlobalAveragePool and QLinearAveragePool round as
-    :class:`~graphopt.quant.PoolRounding` ``ort-global``/``ort-average``; QuantizeLinear
-    and QLinearConcat divide by the scale (``quantize_rounding="onnx"``); QLinearAdd is
-    computed from its operands' integers (``ActFakeQuant.qlinear_add``). Not modelled:
+    float32 multiplier (:class:`QLinearConvArithmetic`); QLinearGlobalAveragePool and
+    QLinearAveragePool round as :class:`QLinearGlobalAveragePool` / :class:`QLinearAveragePool`;
+    QuantizeLinear and QLinearConcat divide by the scale (:class:`OrtRounding`); QLinearAdd
+    is computed from its operands' integers (:class:`QLinearAdd`). Not modelled:
     QLinearMul, quantized BatchNorm, a ReLU/ReLU6 that stays in the graph, an add whose
     operands pass through other ops first, and fp32 ops ONNX Runtime may fuse into lookup
     tables (QLinearSigmoid...) — where any is present, verification holds ops one by one
     only.
     """
     def fq_of(n: Node | None) -> ActFakeQuant | None:
-        fq = quantizer_of(sim, n)
-        return fq if fq is not None and fq.enabled else None
+        return quantizer_of(sim, n)
 
     def input_fq(n: Node) -> ActFakeQuant | None:
         while isinstance(n, Node) and fq_of(n) is None and op_kind(sim, n) is OpKind.PASSTHROUGH:
@@ -773,7 +880,7 @@ def set_ort_arithmetic(sim: GraphModule) -> list[str]:
             if act is not None and not _folded(sim, act, fout.qparams):
                 unmodelled.append(n.name)  # the ReLU/Clip stays in the graph: not QLinearConv's arithmetic
                 continue
-            sim.get_submodule(str(n.target)).arithmetic = KernelArithmetic("ort", fin.qparams, fout.qparams)
+            sim.get_submodule(str(n.target)).arithmetic = QLinearConvArithmetic(fin.qparams, fout.qparams)
         elif kind is OpKind.ANCHOR:
             act = absorbable_activation(sim, n)
             handled.add(act)
@@ -782,30 +889,29 @@ def set_ort_arithmetic(sim: GraphModule) -> list[str]:
             if out is None:
                 continue  # an fp32 result
             operands = [_integer_path(sim, a, fq_of) for a in n.args] if len(n.args) == 2 else []
-            relu_folded = act is None or (_is_relu(sim, act) and _folded(sim, act, out.qparams))
-            if n.op == "call_function" and n.target in (torch.cat, torch.concat, torch.concatenate) and act is None:
-                out.quantize_rounding = "onnx"  # QLinearConcat
-            elif _is_add(n) and relu_folded and operands and all(o is not None for o in operands):
+            relu_folded = act is None or (is_relu(sim, act) and _folded(sim, act, out.qparams))
+            if is_cat(n) and act is None:
+                _ort_rounding(out, OrtRounding(divide=True))  # QLinearConcat
+            elif is_add(n) and relu_folded and operands and all(o is not None for o in operands):
                 for fq, _ in operands:  # QLinearAdd reads their integers
-                    fq.stash = True
-                out.qlinear_add = (operands[0][0], operands[1][0])
-                out.qlinear_add_paths = (operands[0][1], operands[1][1])
+                    _ort_rounding(fq).keep_integers = True
+                _ort_rounding(out, QLinearAdd(a=operands[0][0], b=operands[1][0], paths=(operands[0][1], operands[1][1])))
             else:
                 unmodelled.append(n.name)
         elif kind is OpKind.REQUANT and len(users) == 1 and fq_of(users[0]) is not None:
             m = sim.get_submodule(str(n.target)) if n.op == "call_module" else None
             size = pool_window(sim, n)
             if size is not None and isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
-                fq_of(users[0]).pool_rounding = PoolRounding(size, (), "ort-global")
+                _ort_rounding(fq_of(users[0]), QLinearGlobalAveragePool(size=size))
             elif size is not None and isinstance(m, nn.AvgPool2d):
-                fq_of(users[0]).pool_rounding = PoolRounding(size, (), "ort-average")
+                _ort_rounding(fq_of(users[0]), QLinearAveragePool())
             else:
                 unmodelled.append(n.name)
         elif n.op in ("placeholder", "call_function", "call_method", "call_module") and kind is OpKind.FLOAT:
             for u in users:
                 fq = fq_of(u)
                 if fq is not None and fq.inherit is None:
-                    fq.quantize_rounding = "onnx"  # QuantizeLinear
+                    _ort_rounding(fq, OrtRounding(divide=True))  # QuantizeLinear
                     if n.op != "placeholder":
                         unmodelled.append(u.name)  # ONNX Runtime may fuse the fp32 op into a lookup table
     return sorted(set(unmodelled))
@@ -838,20 +944,10 @@ def _integer_path(sim: GraphModule, n: Node, fq_of) -> tuple[ActFakeQuant, tuple
     return (fq, tuple(reversed(path))) if fq is not None else None
 
 
-def _is_add(n: Node) -> bool:
-    return (n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add)) or \
-        (n.op == "call_method" and n.target in ("add", "add_"))
-
-
 def _folded(sim: GraphModule, act: Node, qp: QParams) -> bool:
     """Does the export drop this ReLU/ReLU6 (see :func:`_drop_redundant_activations`)?"""
     at_bottom = qp.zero_point == qp.quant_min
-    return at_bottom and (_is_relu(sim, act) or round(6.0 / qp.scale) + qp.zero_point >= qp.quant_max)
-
-
-def _is_relu(sim: GraphModule, act: Node) -> bool:
-    m = sim.get_submodule(str(act.target)) if act.op == "call_module" else None
-    return type(m) is nn.ReLU if m is not None else act.target in (F.relu, torch.relu, torch.relu_, "relu", "relu_")
+    return at_bottom and (is_relu(sim, act) or round(6.0 / qp.scale) + qp.zero_point >= qp.quant_max)
 
 
 # ---------------------------------------------------------------------------------------

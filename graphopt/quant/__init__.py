@@ -47,12 +47,12 @@ from graphopt.quant.place import (
     rederive,
     strip,
 )
-from graphopt.quant.regions import OpKind, absorbable_activation, anchor_inputs, op_kind, pool_window
+from graphopt.quant.regions import OpKind, absorbable_activation, anchor_inputs, is_add, is_cat, is_relu, op_kind, pool_window
 from graphopt.quant.simulate import (
     ActFakeQuant,
-    KernelArithmetic,
-    PoolRounding,
+    LayerArithmetic,
     QuantLayer,
+    Rounding,
     clear_kernel_arithmetic,
     quantizer_of,
     silence_quantized_deprecation,
@@ -66,8 +66,8 @@ __all__ = [
     "select_range",
     "ActFakeQuant",
     "QuantLayer",
-    "KernelArithmetic",
-    "PoolRounding",
+    "Rounding",
+    "LayerArithmetic",
     "clear_kernel_arithmetic",
     "quantizer_of",
     "silence_quantized_deprecation",
@@ -75,6 +75,9 @@ __all__ = [
     "op_kind",
     "absorbable_activation",
     "anchor_inputs",
+    "is_add",
+    "is_cat",
+    "is_relu",
     "pool_window",
     "META_KEY",
     "CALIBRATION_KEY",

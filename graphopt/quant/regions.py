@@ -60,7 +60,8 @@ def _module(gm: GraphModule, node: Node) -> nn.Module | None:
     return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
 
 
-def _is_relu(gm: GraphModule, n: Node) -> bool:
+def is_relu(gm: GraphModule, n: Node) -> bool:
+    """A ReLU (module, function or method) of one tensor."""
     m = _module(gm, n)
     if m is not None:
         return type(m) is nn.ReLU
@@ -69,7 +70,8 @@ def _is_relu(gm: GraphModule, n: Node) -> bool:
     return n.op == "call_method" and n.target in ("relu", "relu_") and len(n.args) == 1
 
 
-def _is_relu6(gm: GraphModule, n: Node) -> bool:
+def is_relu6(gm: GraphModule, n: Node) -> bool:
+    """A ReLU6 (or hardtanh clamping to [0, 6])."""
     m = _module(gm, n)
     if m is not None:
         return type(m) is nn.ReLU6 or (type(m) is nn.Hardtanh and m.min_val == 0.0 and m.max_val == 6.0)
@@ -80,6 +82,16 @@ def _is_relu6(gm: GraphModule, n: Node) -> bool:
         hi = n.args[2] if len(n.args) > 2 else n.kwargs.get("max_val", 1.0)
         return (lo, hi) == (0.0, 6.0)
     return False
+
+
+def is_add(n: Node) -> bool:
+    """An addition (``+``, ``torch.add``, ``.add()``)."""
+    return (n.op == "call_function" and n.target in _ADD) or (n.op == "call_method" and n.target in ("add", "add_"))
+
+
+def is_cat(n: Node) -> bool:
+    """A concatenation (``torch.cat`` and its aliases)."""
+    return n.op == "call_function" and n.target in _CAT
 
 
 def op_kind(gm: GraphModule, n: Node) -> OpKind:
@@ -145,9 +157,9 @@ def absorbable_activation(gm: GraphModule, n: Node) -> Node | None:
     (u,) = n.users
     if not u.args or u.args[0] is not n:
         return None
-    if _is_relu(gm, u):
+    if is_relu(gm, u):
         return u
-    if op_kind(gm, n) is OpKind.WEIGHTED and _is_relu6(gm, u):
+    if op_kind(gm, n) is OpKind.WEIGHTED and is_relu6(gm, u):
         return u
     return None
 

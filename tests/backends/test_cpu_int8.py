@@ -229,11 +229,13 @@ def test_loaded_artifact_keeps_the_lowering_points(host, compiled, tmp_path):
 def test_lowering_starts_from_plain_fake_quantization(host):
     """Flags another lowering left on the program (ort-int8's QLinearAdd, its rounding)
     are cleared: the cpu-int8 simulation is the same as on a fresh program."""
+    from graphopt.backends.ort import OrtRounding
+
     _, program, artifact, samples = compile_zoo(host, "resnet18")
     fresh = [program.run(*s) for s in samples]
     for m in program.graph_module.modules():
         if isinstance(m, ActFakeQuant):
-            m.quantize_rounding, m.stash = "onnx", True
+            m.rounding = OrtRounding(divide=True, keep_integers=True)
     spec = host.targets.get("cpu-int8")
     artifact = spec.backend.lower(program, spec)
     assert all(torch.equal(program.run(*s), f) for s, f in zip(samples, fresh))

@@ -25,7 +25,12 @@ from graphopt import zoo  # noqa: E402
 from graphopt.errors import ArtifactError, BackendUnavailableError, UsageError  # noqa: E402
 from graphopt.pipeline import PassManager, parse_pipeline  # noqa: E402
 from graphopt.program import Program, flatten_outputs  # noqa: E402
-from graphopt.quant import check_lowering, lowering_error, quantization_error, verify_int8  # noqa: E402
+from graphopt.quant import (  # noqa: E402
+    check_lowering,
+    lowering_error,
+    quantization_error,
+    verify_int8,
+)
 
 ZOO_FP32 = ["resnet18", "mobilenet_v2", "shufflenet_v2", "densenet", "se_resnet", "inception", "digits_cnn"]
 ZOO_INT8 = ZOO_FP32
@@ -260,6 +265,7 @@ def test_int8_unmodelled_ops_are_listed_and_not_claimed_exact(lowered):
 def test_qlinear_add_is_computed_from_the_operands_integers():
     """MLAS QLinearAdd on every pair of input integers, 20 qparam sets (half with ties):
     the simulation's QLinearAdd equals it; adding the dequantized values does not."""
+    from graphopt.backends.ort import OrtRounding, QLinearAdd
     from onnx import TensorProto, helper
 
     from graphopt.quant import ActFakeQuant, QParams
@@ -284,9 +290,9 @@ def test_qlinear_add_is_computed_from_the_operands_integers():
         x = fqs[0].dequantize(torch.from_numpy(a8).float()) + fqs[1].dequantize(torch.from_numpy(b8).float())
         plain += int(((torch.round(fqs[2](x) / sc) + zc).long() != k).sum())
         for fq, q in zip(fqs, (a8, b8)):
-            fq.stash = True
+            fq.rounding = OrtRounding(keep_integers=True)
             fq.dequantize(torch.from_numpy(q).float())
-        fqs[2].qlinear_add = (fqs[0], fqs[1])
+        fqs[2].rounding = QLinearAdd(a=fqs[0], b=fqs[1])
         exact += int(((torch.round(fqs[2](x) / sc) + zc).long() != k).sum())
     assert exact == 0
     assert plain > 0
@@ -295,6 +301,7 @@ def test_qlinear_add_is_computed_from_the_operands_integers():
 def test_onnx_quantize_linear_divides_by_the_scale():
     """QuantizeLinear rounds x / scale (fake-quantization multiplies by 1/scale): on exact
     and near ties the "onnx" rounding matches ONNX Runtime, the plain one does not."""
+    from graphopt.backends.ort import OrtRounding
     from onnx import TensorProto, helper
 
     from graphopt.quant import ActFakeQuant, QParams
@@ -314,7 +321,7 @@ def test_onnx_quantize_linear_divides_by_the_scale():
     fq.set_qparams(QParams(scale, zp, 0, 255))
     to_int = lambda t: (torch.round(t / scale) + zp).long()
     plain = to_int(fq(x))
-    fq.quantize_rounding = "onnx"
+    fq.rounding = OrtRounding(divide=True)
     assert torch.equal(to_int(fq(x)), torch.from_numpy(y.astype(np.int64)))
     assert not torch.equal(plain, torch.from_numpy(y.astype(np.int64)))
 
