@@ -412,10 +412,10 @@ def lower_quantized(program: Program, *, engine: str | None = None) -> tuple[Gra
     engine = engine or default_engine()
     if engine not in ENGINES:
         raise UsageError(f"unknown quantized engine '{engine}'; valid: {choices(ENGINES)}")
-    cfg = info["config"]
+    cfg = info.config
     rederived = []
-    want_rr = cfg["reduce_range"] or (engine in ("fbgemm", "x86") and not cpu_has_vnni())
-    if cfg["activations"] != "u8" or want_rr != cfg["reduce_range"]:
+    want_rr = cfg.reduce_range or (engine in ("fbgemm", "x86") and not cpu_has_vnni())
+    if cfg.activations != "u8" or want_rr != cfg.reduce_range:
         rederive(program, "u8", reduce_range=want_rr)
         rederived.append(f"activations re-derived as u8{' (reduce_range)' if want_rr else ''} from the same calibration")
     clear_kernel_arithmetic(program.graph_module)  # nothing left over from another lowering

@@ -34,14 +34,14 @@ from ``--calib-data`` or with random samples and a warning. A callable in
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 
 from graphopt import PassResult, Program, register_pass
 from graphopt.errors import DataError, PipelineError
-from graphopt.quant import META_KEY, QuantConfig, quantization_error, quantize_program
+from graphopt.quant import META_KEY, QuantConfig, QuantInfo, quantization_error, quantize_program
 from graphopt.quant.check import _run
 from graphopt.quant.place import CALIBRATION_KEY, Placement, place, strip, summary
 from graphopt.quant.regions import anchors, resolve_names
@@ -91,11 +91,11 @@ def insert_quant_stubs(
         target = Tolerance(min_cosine=keep_fp32_cosine, min_top1=keep_fp32_top1 or None)
         auto_kept = keep_fp32_auto(program, float_gm, samples, target)
 
-    info = program.meta[META_KEY]
+    info: QuantInfo = program.meta[META_KEY]
     error = quantization_error(float_gm, program.graph_module, samples[:2]).metrics
-    n_layers = len(info["quantized_layers"])
-    n_acts = len(info["activations"])
-    kept = info["kept_fp32"]
+    n_layers = len(info.quantized_layers)
+    n_acts = len(info.activations)
+    kept = info.kept_fp32
     detail = (
         f"{n_layers} layers int8 ({activations}, {observer}, weights {'per-channel' if per_channel else 'per-tensor'}), "
         f"{n_acts} activation quantizers, {len(kept)} kept fp32"
@@ -106,8 +106,8 @@ def insert_quant_stubs(
         changed=bool(placement.quantized),
         detail=detail,
         data={
-            "config": info["config"],
-            "calibration_samples": info["calibration_samples"],
+            "config": info.config.to_json(),
+            "calibration_samples": info.calibration_samples,
             "quantized_layers": n_layers,
             "activation_quantizers": n_acts,
             "kept_fp32": kept,
@@ -153,15 +153,13 @@ def keep_fp32_auto(
     if info is None or observers is None:
         raise ValueError("keep_fp32_auto needs a program that went through insert-quant-stubs")
     tol = _as_tolerance(tolerance)
-    cfg = info["config"]
-    base_skip = frozenset(cfg["skip"])
+    base_skip = info.config.skip
     float_gm = strip(program.graph_module)
     refs = _run(reference_fn, samples)
     candidates = [a for a in anchors(float_gm) if a not in base_skip]
 
     def simulate(skip: frozenset[str]) -> tuple[Placement, Any]:
-        config = QuantConfig(cfg["activations"], cfg["observer"], cfg["per_channel"], cfg["reduce_range"], skip)
-        p = place(float_gm, observers, config)
+        p = place(float_gm, observers, replace(info.config, skip=skip))
         return p, compare(refs, _run(p.graph_module, samples)).metrics
 
     full, metrics = simulate(base_skip)
@@ -198,12 +196,11 @@ def keep_fp32_auto(
         kept = sens[:hi]
         chosen, metrics = cache[hi]
     program.graph_module = chosen.graph_module
-    config = QuantConfig(cfg["activations"], cfg["observer"], cfg["per_channel"], cfg["reduce_range"],
-                         base_skip | {s.layer for s in kept})
-    reasons = [r for r in info.get("kept_fp32", []) if r.get("reason") == "skip"]
+    config = replace(info.config, skip=base_skip | {s.layer for s in kept})
+    reasons = [r for r in info.kept_fp32 if r.get("reason") == "skip"]
     reasons += [{"layer": s.layer, "reason": "auto", "sensitivity": s.sensitivity} for s in kept]
-    program.meta[META_KEY] = summary(program.graph_module, config, reasons, info.get("calibration_samples", 0))
-    program.meta[META_KEY]["keep_fp32_auto"] = {
+    program.meta[META_KEY] = summary(program.graph_module, config, reasons, info.calibration_samples)
+    program.meta[META_KEY].keep_fp32_auto = {
         "tolerance": tol.to_json(),
         "before": before.to_json(),
         "after": metrics.to_json(),

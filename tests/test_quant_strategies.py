@@ -63,7 +63,7 @@ def _simulated(model: nn.Module, shape: tuple[int, ...]) -> tuple[Program, list[
     g = torch.Generator().manual_seed(0)
     program = Program(torch.fx.symbolic_trace(model), (torch.randn(shape, generator=g),))
     program.calibration = [(torch.randn(shape, generator=g) * 2,) for _ in range(4)]
-    quantize_program(program, QuantConfig("u8", "minmax"))
+    quantize_program(program, QuantConfig(activations="u8", observer="minmax"))
     fqs = [m for m in program.graph_module.modules() if isinstance(m, ActFakeQuant)]
     return program, fqs
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from graphopt.quant.calibrate import SCHEMES, Observer, activation_qparams, cali
 from graphopt.quant.regions import OpKind, absorbable_activation, anchor_inputs, anchor_name, op_kind
 from graphopt.quant.simulate import ActFakeQuant, QuantLayer, clear_kernel_arithmetic
 
-#: ``program.meta`` key of the JSON-able summary (scheme, qparams per activation, layers).
+#: ``program.meta`` key of the :class:`QuantInfo` (config, qparams per activation, layers).
 META_KEY = "quant"
 #: ``program.meta`` key of the calibration itself: ``{node name: Observer}`` (not JSON).
 CALIBRATION_KEY = "quant_calibration"
@@ -28,17 +28,61 @@ CALIBRATION_KEY = "quant_calibration"
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What a placement needs besides the graph and the calibration."""
+    """How a program is quantized: the ``insert-quant-stubs`` options a placement needs.
 
-    scheme: str = "u8"
-    method: str = "histogram"
+    Field names are the pass's option names; ``skip`` holds resolved anchor names (the
+    pass's ``skip`` and ``keep-fp32`` together).
+    """
+
+    activations: str = "u8"  # "u8" (asymmetric, quint8) or "s8" (symmetric, qint8)
+    observer: str = "histogram"  # range method: "minmax", "histogram" or "entropy"
     per_channel: bool = True
     reduce_range: bool = False
     skip: frozenset[str] = frozenset()
 
     def to_json(self) -> dict[str, Any]:
-        return {"activations": self.scheme, "observer": self.method, "per_channel": self.per_channel,
+        return {"activations": self.activations, "observer": self.observer, "per_channel": self.per_channel,
                 "reduce_range": self.reduce_range, "skip": sorted(self.skip)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> QuantConfig:
+        return cls(str(d["activations"]), str(d["observer"]), bool(d["per_channel"]), bool(d["reduce_range"]),
+                   frozenset(d["skip"]))
+
+
+@dataclass
+class QuantInfo:
+    """What ``program.meta[META_KEY]`` holds once a program is simulated int8 (JSON: :meth:`to_json`)."""
+
+    config: QuantConfig
+    calibration_samples: int
+    #: quantizer module -> {"point", qparams..., "observed" [min, max] or "inherit"}
+    activations: dict[str, dict[str, Any]]
+    #: QuantLayer -> {"type", "channels", "scale_min", "scale_max"}
+    weights: dict[str, dict[str, Any]]
+    #: anchors left in fp32: {"layer", "reason": "skip" | "auto", "sensitivity" (auto)}
+    kept_fp32: list[dict[str, Any]]
+    #: per output: the scale of the last quantizer before it (None: computed in fp32 after it)
+    output_scales: list[float | None]
+    #: what ``keep-fp32=[auto]`` measured and chose (None when it did not run)
+    keep_fp32_auto: dict[str, Any] | None = None
+
+    @property
+    def quantized_layers(self) -> list[str]:
+        return sorted(self.weights)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"config": self.config.to_json(), "calibration_samples": self.calibration_samples,
+               "activations": self.activations, "weights": self.weights, "quantized_layers": self.quantized_layers,
+               "kept_fp32": self.kept_fp32, "output_scales": self.output_scales}
+        if self.keep_fp32_auto is not None:
+            out["keep_fp32_auto"] = self.keep_fp32_auto
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> QuantInfo:
+        return cls(QuantConfig.from_json(d["config"]), int(d["calibration_samples"]), dict(d["activations"]),
+                   dict(d["weights"]), list(d["kept_fp32"]), list(d["output_scales"]), d.get("keep_fp32_auto"))
 
 
 @dataclass
@@ -148,7 +192,7 @@ def place(
     placement.quantized = list(dict.fromkeys(placement.quantized))
     placement.kept_fp32 = list(dict.fromkeys(k for k in placement.kept_fp32 if k not in placement.quantized))
     sim.recompile()
-    derive_qparams(sim, config.scheme, config.method, reduce_range=config.reduce_range)
+    derive_qparams(sim, config.activations, config.observer, reduce_range=config.reduce_range)
     return placement
 
 
@@ -206,17 +250,17 @@ def derive_qparams(gm: GraphModule, scheme: str, method: str, *, reduce_range: b
 def rederive(program: Program, scheme: str, *, method: str | None = None, reduce_range: bool | None = None) -> None:
     """Switch a simulated program to another activation scheme from the same calibration.
 
-    Only qparams change (in place), and ``program.meta['quant']`` is rewritten; no sample
+    Only qparams change (in place), and ``program.meta[META_KEY]`` is rewritten; no sample
     is run again.
     """
-    info = program.meta.get(META_KEY)
+    info: QuantInfo | None = program.meta.get(META_KEY)
     if info is None:
         raise ValueError("the program has not been through insert-quant-stubs")
-    method = method or info["config"]["observer"]
-    rr = info["config"]["reduce_range"] if reduce_range is None else reduce_range
+    method = method or info.config.observer
+    rr = info.config.reduce_range if reduce_range is None else reduce_range
     derive_qparams(program.graph_module, scheme, method, reduce_range=rr)
-    config = QuantConfig(scheme, method, info["config"]["per_channel"], rr, frozenset(info["config"]["skip"]))
-    program.meta[META_KEY] = summary(program.graph_module, config, info.get("kept_fp32", []), info.get("calibration_samples", 0))
+    config = replace(info.config, activations=scheme, observer=method, reduce_range=rr)
+    program.meta[META_KEY] = summary(program.graph_module, config, info.kept_fp32, info.calibration_samples)
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,8 +288,8 @@ def quantize_program(
     return placement
 
 
-def summary(gm: GraphModule, config: QuantConfig, kept_fp32: list[dict[str, Any]], calibration_samples: int) -> dict[str, Any]:
-    """The JSON-able record of a simulated program's quantization."""
+def summary(gm: GraphModule, config: QuantConfig, kept_fp32: list[dict[str, Any]], calibration_samples: int) -> QuantInfo:
+    """The record of a simulated program's quantization (what ``program.meta[META_KEY]`` holds)."""
     acts: dict[str, Any] = {}
     for name, m in _act_quantizers(gm):
         entry = {"point": m.point, **m.qparams.to_json()}
@@ -261,15 +305,7 @@ def summary(gm: GraphModule, config: QuantConfig, kept_fp32: list[dict[str, Any]
             s = m.weight_fq.scale
             weights[name] = {"type": type(m.layer).__name__, "channels": int(s.numel()),
                              "scale_min": float(s.min()), "scale_max": float(s.max())}
-    return {
-        "config": config.to_json(),
-        "calibration_samples": calibration_samples,
-        "activations": acts,
-        "weights": weights,
-        "quantized_layers": sorted(weights),
-        "kept_fp32": kept_fp32,
-        "output_scales": output_scales(gm),
-    }
+    return QuantInfo(config, calibration_samples, acts, weights, kept_fp32, output_scales(gm))
 
 
 def output_scales(gm: GraphModule) -> list[float | None]:

@@ -226,7 +226,7 @@ def test_int8_every_quantized_op_is_within_one_step_of_the_simulation(lowered, n
     result = verify_int8(model, program, artifact, samples)
     assert result["violations"] == []
     local = result["lowering_local"]
-    assert local["ok"] and local["compared"] == len(program.meta["quant"]["activations"])
+    assert local["ok"] and local["compared"] == len(program.meta["quant"].activations)
     assert max(e for _, e in local["worst"]) <= 1.01
 
 
@@ -249,7 +249,7 @@ def test_int8_matches_the_simulation_exactly_where_every_op_is_modelled(lowered,
     _, program, artifact, samples = lowered(name)
     assert artifact.exact_simulation, artifact.fields["not_bit_exact"]
     check = check_lowering(program, artifact.run, samples)
-    assert check.bounds[0] == pytest.approx(2 * program.meta["quant"]["output_scales"][0])
+    assert check.bounds[0] == pytest.approx(2 * program.meta["quant"].output_scales[0])
     assert check.max_abs_err == [0.0]
 
 
@@ -336,8 +336,8 @@ def test_int8_graph_has_qdq_pairs_and_int8_weights(lowered):
     onnx.checker.check_model(model)
     ops = collections.Counter(n.op_type for n in model.graph.node)
     inits = _initializers(model)
-    n_act = len(program.meta["quant"]["activations"])
-    n_layers = len(program.meta["quant"]["weights"])
+    n_act = len(program.meta["quant"].activations)
+    n_layers = len(program.meta["quant"].weights)
     assert ops["QuantizeLinear"] >= n_act and ops["DequantizeLinear"] >= n_act + n_layers
     producers = {o: n for n in model.graph.node for o in n.output}
     weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
@@ -364,7 +364,7 @@ def test_int8_onnxruntime_fuses_the_whole_graph(lowered, name, tmp_path):
     dequantize at the output, no fp32 Conv/Add/Relu/Clip left."""
     _, program, artifact, _ = lowered(name)
     ops = _optimized_ops(artifact.model_bytes, tmp_path)
-    convs = sum(1 for w in program.meta["quant"]["weights"].values() if "Conv" in w["type"])
+    convs = sum(1 for w in program.meta["quant"].weights.values() if "Conv" in w["type"])
     assert ops["QLinearConv"] == convs
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1, ops
     assert not {"Conv", "FusedConv", "Add", "Relu", "Clip", "Concat", "MaxPool", "Mul", "Gemm"} & set(ops), ops
@@ -383,7 +383,7 @@ def test_int8_artifact_is_small_and_round_trips(host, lowered, tmp_path):
     manifest = json.loads((tmp_path / "int8" / "artifact.json").read_text())
     assert manifest["target"] == "ort-int8" and manifest["precision"] == "int8"
     assert manifest["activations"] == "u8" and manifest["opset"] >= 17
-    assert manifest["qdq"]["int8_weights"] == 21 and len(manifest["points"]) == len(program.meta["quant"]["activations"])
+    assert manifest["qdq"]["int8_weights"] == 21 and len(manifest["points"]) == len(program.meta["quant"].activations)
     loaded = load_artifact(tmp_path / "int8", host=host)
     assert loaded.points.keys() == artifact.points.keys()
     for (x,) in samples:
@@ -393,7 +393,7 @@ def test_int8_artifact_is_small_and_round_trips(host, lowered, tmp_path):
 
 def test_s8_activations_have_int8_zero_points(lowered):
     model, program, artifact, samples = lowered("mobilenet_v2", pipeline=S8_PIPELINE)
-    assert program.meta["quant"]["config"]["activations"] == "s8"  # the reference is not re-derived
+    assert program.meta["quant"].config.activations == "s8"  # the reference is not re-derived
     assert artifact.fields["activations"] == "s8"
     m = artifact.model
     inits = _initializers(m)
@@ -409,7 +409,7 @@ def test_reduce_range_is_kept_by_a_clip(lowered):
     """ONNX saturates at the full 8-bit range: a 7-bit simulation needs a Clip before Q."""
     model, program, artifact, samples = lowered("digits_cnn", pipeline="fuse-conv-bn-relu,insert-quant-stubs{reduce_range=true},dce")
     ops = collections.Counter(n.op_type for n in artifact.model.graph.node)
-    assert ops["Clip"] >= len(program.meta["quant"]["activations"]) - 1
+    assert ops["Clip"] >= len(program.meta["quant"].activations) - 1
     assert verify_int8(model, program, artifact, samples)["violations"] == []
     assert check_lowering(program, artifact.run, samples).ok
 
@@ -487,7 +487,7 @@ def test_cli_lists_the_targets(capsys):
 
 
 def test_fp32_falls_back_to_the_torch_export_based_exporter(host, monkeypatch):
-    import graphopt.backends.ort as ort_backend
+    import graphopt.backends._onnx_export as ort_backend
 
     def refuse(*args, **kwargs):
         raise RuntimeError("TorchScript exporter unavailable")
