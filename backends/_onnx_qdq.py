@@ -61,10 +61,10 @@ class QDQPolicy:
     ``pin_fp32_layers``: fp32 Conv/Gemm read their input through a per-channel
     DequantizeLinear, which stops the runtime from quantizing their weights itself.
 
-    OpenVINO and TensorRT come next. TensorRT (see ``/work/shared/notes/tensorrt-and-peers.md``)
-    would be ``QDQPolicy("tensorrt", ("s8",), fold_activations=True, requantize_after=frozenset(),
-    pin_fp32_layers=False)``: symmetric only, and it moves MaxPool/reshape across Q/DQ itself
-    (extra pairs break its fusions).
+    OpenVINO and TensorRT come next. TensorRT fuses only symmetric int8 (zero point 0) and
+    moves MaxPool/reshape across Q/DQ itself (extra pairs break its fusions): its row would be
+    ``QDQPolicy("tensorrt", ("s8",), fold_activations=True, requantize_after=frozenset(),
+    pin_fp32_layers=False)``.
     """
 
     runtime: str
