@@ -27,13 +27,10 @@ plus ``weights.pt`` (int8 and fp32 tensors only), which loads with
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import operator
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +40,34 @@ import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 import torch.fx
 import torch.nn.functional as F
+from graphopt.backends._cpu_int8_arith import (
+    ENGINES,
+    OnednnArithmetic,
+    _empty_quantized_layer,
+    _mark_fused_inputs,
+    _measure_kernels,
+    engine_scope,
+    kernel_rounding,
+    layer_arithmetic,
+    pool_ties,
+)
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
-from graphopt.errors import ArtifactError, BackendUnavailableError, UsageError, choices
+from graphopt.errors import ArtifactError, UsageError, choices
 from graphopt.program import InputSpec, Program
 from graphopt.quant import (
     META_KEY,
     ActFakeQuant,
-    KernelArithmetic,
     OpKind,
-    PoolRounding,
     QParams,
     QuantLayer,
     absorbable_activation,
     anchor_inputs,
     clear_kernel_arithmetic,
+    is_add,
+    is_cat,
+    is_relu,
     op_kind,
     pool_window,
     quantizer_of,
@@ -70,7 +79,6 @@ from graphopt.targets import Artifact, TargetSpec, register_target
 GRAPH_FILE = "graph.json"
 WEIGHTS_FILE = "weights.pt"
 GRAPH_FORMAT = "graphopt-qgraph/1"
-ENGINES = ("x86", "fbgemm", "onednn")
 
 #: Measured with bench/measure_cpu_int8.py (batch 1, 224x224, 2 cores of an AMD EPYC with
 #: AVX512-VNNI, medians of 30): x86 6.4 ms vs fbgemm 7.0 ms on resnet18, 18.8 vs 22.4 ms on
@@ -107,29 +115,12 @@ def cpu_has_avx512_vnni() -> bool:
     return flags is not None and "avx512_vnni" in flags
 
 
-@contextmanager
-def engine_scope(engine: str) -> Iterator[None]:
-    supported = torch.backends.quantized.supported_engines
-    if engine not in supported:
-        raise BackendUnavailableError(
-            f"quantized engine '{engine}' is not available in this torch build; available: {choices(e for e in supported if e in ENGINES)}"
-        )
-    before = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = before
-
-
 # ---------------------------------------------------------------------------------------
 # Lowering
 
 
 _QUANT_ADD = {False: torch.ops.quantized.add, True: torch.ops.quantized.add_relu}
 _QUANT_MUL = {False: torch.ops.quantized.mul, True: torch.ops.quantized.mul_relu}
-_CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
-_ADD_FNS = {operator.add, operator.iadd, torch.add}
 
 
 _fq = quantizer_of
@@ -148,7 +139,7 @@ def pack_engine(layer: nn.Module, engine: str) -> str:
 
     Packed weights carry their kernel, so engines mix within one graph; naming the
     family here (never ``x86``) lets the simulation reproduce that kernel's arithmetic
-    (:class:`~graphopt.quant.KernelArithmetic`). ``x86`` is resolved as torch resolves
+    (:class:`~graphopt.backends._cpu_int8_arith.FbgemmArithmetic`, ``OnednnArithmetic``). ``x86`` is resolved as torch resolves
     it: convolutions with at most 100 groups go to oneDNN on AVX512-VNNI Linux CPUs,
     everything else to fbgemm. Depthwise convolutions always go to oneDNN where
     available: fbgemm's depthwise kernel sums pairs of u8*s8 products in 16 bits
@@ -163,18 +154,6 @@ def pack_engine(layer: nn.Module, engine: str) -> str:
         if depthwise or (engine == "x86" and cpu_has_avx512_vnni() and layer.groups <= 100):
             return "onednn"
     return "fbgemm"
-
-
-def _empty_quantized_layer(base: nn.Module, relu: bool) -> nn.Module:
-    if isinstance(base, nn.Linear):
-        cls = nniq.LinearReLU if relu else nnq.Linear
-        return cls(base.in_features, base.out_features, True)
-    if isinstance(base, nn.Conv1d):
-        cls = nniq.ConvReLU1d if relu else nnq.Conv1d
-    else:
-        cls = nniq.ConvReLU2d if relu else nnq.Conv2d
-    return cls(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding, base.dilation,
-               base.groups, True, base.padding_mode)
 
 
 def _quantized_layer(q: QuantLayer, relu: bool, qp: QParams, engine: str) -> nn.Module:
@@ -284,13 +263,11 @@ class _Lowering:
             return None
         (user,) = end.users
         fq = _fq(self.sim, user)
-        if fq is None or fq.inherit is not None or not fq.enabled:
+        if fq is None or fq.inherit is not None:
             return None
         kind = None
         if act is not None:
-            m = self.sim.get_submodule(str(act.target)) if act.op == "call_module" else None
-            is_relu = (type(m) is nn.ReLU) if m is not None else (act.target in (F.relu, torch.relu, torch.relu_, "relu", "relu_"))
-            kind = "relu" if is_relu else "relu6"
+            kind = "relu" if is_relu(self.sim, act) else "relu6"
         return end, kind, fq
 
     def run(self) -> GraphModule:
@@ -318,11 +295,9 @@ class _Lowering:
     def lower_quantizer(self, n: Node) -> None:
         fq = _fq(self.sim, n)
         src = n.args[0]
-        if not fq.enabled:
-            self.env[n], self.qp[n] = self.env[src], self.qp.get(src)
-            return
         qp = fq.qparams
-        fq.quantize_rounding = "" if _same(self.qp.get(src), qp) else "torch"  # lowered to quantize_per_tensor
+        if not _same(self.qp.get(src), qp):  # lowered to quantize_per_tensor
+            kernel_rounding(fq).quantize_per_tensor = True
         self.env[n] = self.quantized(src, qp)
         self.qp[n] = qp
         self.points[n.name] = self.env[n].name
@@ -332,7 +307,8 @@ class _Lowering:
         if kind in (OpKind.WEIGHTED, OpKind.ANCHOR) and self.lower_anchor(n, kind):
             return
         first = n.args[0] if n.args else None
-        if kind in (OpKind.PASSTHROUGH, OpKind.REQUANT, OpKind.SHAPE) and isinstance(first, Node) and self.qp.get(first) is not None:
+        on_grid = isinstance(first, Node) and self.qp.get(first) is not None
+        if kind in (OpKind.PASSTHROUGH, OpKind.REQUANT, OpKind.SHAPE) and on_grid:
             # Runs on the quantized tensor; other Node arguments (sizes, indices) are plain values.
             new = self.copy_node(n, lambda a: self.env[a] if a is first else self.fp32(a))
             self.env[n] = new
@@ -360,7 +336,8 @@ class _Lowering:
             self.stats["float_layers"].append(str(n.target))
         else:
             self.env[n] = self.copy_node(n, self.fp32)
-            if n.op == "call_module" and isinstance(self.sim.get_submodule(str(n.target)), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            layer = self.sim.get_submodule(str(n.target)) if n.op == "call_module" else None
+            if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 self.stats["float_layers"].append(str(n.target))
         self.qp[n] = None
         self.stats["float_ops"] += 1
@@ -382,13 +359,13 @@ class _Lowering:
             relu = relu or q.fused_relu
             name = self.module_name(str(n.target))
             self.root[name] = _quantized_layer(q, relu, qp, self.engine)
-            arith = KernelArithmetic(self.root[name].pack_engine, self.qp[n.args[0]], qp)
+            arith = layer_arithmetic(self.root[name].pack_engine, self.qp[n.args[0]], qp)
             new = self.graph.create_node("call_module", name, (self.env[n.args[0]],), name=n.name)
             if q.arithmetic is not None and q.arithmetic != arith:
                 # one layer called twice with other qparams: a single arithmetic cannot describe both
                 self.inexact.add(str(n.target))
             q.arithmetic = None if str(n.target) in self.inexact else arith
-            if q.arithmetic is not None and arith.kernel == "onednn":
+            if isinstance(q.arithmetic, OnednnArithmetic):
                 self.onednn_layers[new.name] = (q, relu)
             self.stats["quantized_layers"] += 1
         elif n.op == "call_module":  # BatchNorm2d
@@ -397,7 +374,7 @@ class _Lowering:
             self.unmodelled.append(n.name)
             new = self.graph.create_node("call_module", name, (self.env[n.args[0]],), name=n.name)
             self.stats["quantized_ops"] += 1
-        elif n.op == "call_function" and n.target in _CAT_FNS:
+        elif is_cat(n):
             tensors = n.args[0] if n.args else n.kwargs["tensors"]
             dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
             new = self.graph.create_node("call_function", torch.ops.quantized.cat,
@@ -408,8 +385,7 @@ class _Lowering:
                 new = self.graph.call_function(torch.relu, (new,))
             self.stats["quantized_ops"] += 1
         else:  # add / mul
-            is_add = n.target in _ADD_FNS or n.target in ("add", "add_")
-            fn = (_QUANT_ADD if is_add else _QUANT_MUL)[relu]
+            fn = (_QUANT_ADD if is_add(n) else _QUANT_MUL)[relu]
             a, b = n.args
             new = self.graph.create_node("call_function", fn, (self.env[a], self.env[b], qp.scale, qp.zero_point), name=n.name)
             self.stats["quantized_ops"] += 1
@@ -420,235 +396,6 @@ class _Lowering:
         if end is not n:
             self.absorbed.add(end)
         return True
-
-
-def _onednn_combines_scales(q: QuantLayer, relu: bool, shape: tuple[int, ...], zero_points: tuple[int, int]) -> bool | None:
-    """Does oneDNN's kernel for this layer multiply by ``s_in * s_w`` or by ``s_in``, then ``s_w``?
-
-    oneDNN picks an implementation per shape (its 1x1 and 3x3 convolutions differ here),
-    and the two orders round differently in float32 on about one element in a million:
-    enough to compound through a deep net. Measured on the kernel: a layer of the same
-    geometry, input shape and zero points gets weights, scales and biases chosen so that
-    the two orders land on different integers at one position per output channel; the
-    kernel's answers there say which order it uses. None if the probe cannot tell.
-    """
-    got, separate, combined = [], [], []
-    for seed in range(96):  # small layers (an SE block's 1x1 convs) yield a point or two per trial
-        trial = _scale_order_trial(q, relu, shape, zero_points, seed)
-        if trial is not None:
-            for acc_list, t in zip((got, separate, combined), trial):
-                acc_list.append(t)
-        if sum(len(t) for t in got) >= 8:
-            break
-    if sum(len(t) for t in got) < 4:
-        return None
-    k, sep, comb = torch.cat(got), torch.cat(separate), torch.cat(combined)
-    # A clear majority decides: oneDNN's inner product follows the combined order on
-    # real data (0 of 12.5M outputs differ) but a few probe points near its limits
-    # land the other way.
-    if float((k == comb).double().mean()) >= 0.8:
-        return True
-    if float((k == sep).double().mean()) >= 0.8:
-        return False
-    return None
-
-
-def _channels_first(t: torch.Tensor, linear: bool) -> torch.Tensor:
-    """(channels, everything else): a linear layer's channels are its last dim, a conv's dim 1."""
-    return t.reshape(-1, t.shape[-1]).T if linear else t.transpose(0, 1).reshape(t.shape[1], -1)
-
-
-def _scale_order_trial(q: QuantLayer, relu: bool, shape: tuple[int, ...], zero_points: tuple[int, int],
-                       seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """One probe of :func:`_onednn_combines_scales`: (kernel, separate, combined) where they differ."""
-    base = q.base
-    zp_in, zp_out = zero_points
-    # outputs must land inside [0, 255] after the zero point: positive sums when the
-    # zero point leaves room above it, negative ones otherwise (not with a fused ReLU)
-    positive = zp_out <= 127
-    if relu and not positive:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    xu = torch.randint(0, 256, shape, generator=g)
-    wi = torch.randint(-20, 21, tuple(base.weight.shape), generator=g)
-    xi, wd = (xu - zp_in).double(), wi.double()
-    acc = F.linear(xi, wd) if isinstance(base, nn.Linear) else base._conv_forward(xi, wd, None)
-    linear = isinstance(base, nn.Linear)
-    channels = acc.shape[-1] if linear else acc.shape[1]
-    flat = _channels_first(acc, linear)
-    a_ext, where = flat.max(dim=1) if positive else flat.min(dim=1)
-    room = (250 - zp_out) if positive else (zp_out - 1)
-    one = torch.tensor(1.0, dtype=torch.float32)
-    s_in, s_out = 0.02, 0.02 * 0.0015 * float(a_ext.abs().clamp(min=1).median()) / (room / 2)
-    w_scale = (torch.rand(channels, generator=g) * 0.001 + 0.001).float()
-    src = one / torch.tensor(1.0 / s_in, dtype=torch.float32)
-    inv_dst = one / (one / torch.tensor(1.0 / s_out, dtype=torch.float32))
-    a = a_ext.float()
-    p_separate, p_combined = (a * src) * w_scale, a * (src * w_scale)
-    zpf = torch.tensor(float(zp_out), dtype=torch.float32)
-    v = p_separate * inv_dst + zpf
-    ok = (a_ext * (1 if positive else -1) > 0) & (p_separate != p_combined) & (v > 1) & (v < 250)
-    # a bias that puts a rounding boundary between the two orders' results
-    b0 = (torch.floor(v) + 0.5 - zpf) / inv_dst - (p_separate + p_combined) / 2
-    ulp = torch.nextafter(b0.abs() + 1e-6, torch.tensor(float("inf"))) - (b0.abs() + 1e-6)
-    bias = torch.zeros(channels, dtype=torch.float32)
-    found = torch.zeros(channels, dtype=torch.bool)
-    for k in range(-64, 65):
-        b = b0 + k * ulp
-        apart = torch.round((p_separate + b) * inv_dst + zpf) != torch.round((p_combined + b) * inv_dst + zpf)
-        take = ok & apart & ~found
-        bias[take], found[take] = b[take], True
-    if not bool(found.any()):
-        return None
-    silence_quantized_deprecation()
-    probe = _empty_quantized_layer(base, relu)
-    weight = torch._make_per_channel_quantized_tensor(wi.to(torch.int8), w_scale.double(), torch.zeros(channels, dtype=torch.long), 0)
-    with engine_scope("onednn"):
-        probe.set_weight_bias(weight, bias)
-        probe.scale, probe.zero_point = s_out, zp_out
-        x = torch._make_per_tensor_quantized_tensor(xu.to(torch.uint8), s_in, zp_in)
-        with torch.inference_mode():
-            y = probe(x).int_repr().double()
-    kernel = _channels_first(y, linear).gather(1, where[:, None])[:, 0][found]
-    separate = torch.round((p_separate + bias) * inv_dst + zpf)[found].double()
-    combined = torch.round((p_combined + bias) * inv_dst + zpf)[found].double()
-    return kernel, separate, combined
-
-
-_TIE_RULES: dict[tuple[str, int, bool], tuple[bool, ...]] = {}
-
-
-def _pool_tie_rule(adaptive: bool, channels: int, channels_last: bool) -> tuple[bool, ...]:
-    """Per channel: does torch's quantized average pool add the zero point before rounding?
-
-    Measured on the kernel (the answer depends on its vector width, so on the machine):
-    a 2x2 window whose integer sum is 2 averages to exactly 0.5; with an odd zero point
-    ``round(0.5 + zp)`` and ``round(0.5) + zp`` differ.
-    """
-    key = ("adaptive" if adaptive else "avg", channels, channels_last)
-    if key not in _TIE_RULES:
-        zp = 1
-        q = torch.full((1, channels, 2, 2), zp, dtype=torch.uint8)
-        q[:, :, 0, :] += 1  # sum of (q - zp) over the window: 2
-        x = torch._make_per_tensor_quantized_tensor(q, 1.0, zp)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = F.adaptive_avg_pool2d(x, 1) if adaptive else F.avg_pool2d(x, 2)
-        _TIE_RULES[key] = tuple(bool(v) for v in (y.int_repr().flatten() == zp + 1).tolist())  # round(1.5) = 2
-    return _TIE_RULES[key]
-
-
-def _measure_kernels(lowering: _Lowering, gm: GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Finish the simulation's kernel arithmetic with what only the kernels can tell.
-
-    Average pools break ties by the memory format of their input (conv kernels return
-    channels-last tensors) and oneDNN applies scales in an order that depends on its
-    implementation for the shape: properties of the graph and the shapes, not of the
-    data, so one run on the example inputs (recording each input) and a probe per
-    layer find them.
-    """
-    watch = set(lowering.pools) | set(lowering.onednn_layers)
-    if not watch and not lowering.requant_cats:
-        return
-    seen: dict[str, torch.Tensor] = {}
-    cat_layout: dict[str, bool] = {}  # True: the channels-last fast path
-
-    class _Record(torch.fx.Interpreter):
-        def run_node(self, n: Node) -> Any:
-            if n.name in watch and n.args and isinstance(n.args[0], Node):
-                x = self.env.get(n.args[0])
-                if isinstance(x, torch.Tensor) and x.is_quantized:
-                    seen[n.name] = x
-            if n.name in lowering.requant_cats:  # torch's fast path: 4-d channels-last inputs joined on channels
-                xs = [self.env.get(a) for a in n.args[0]]
-                cat_layout[n.name] = n.args[1] % 4 == 1 and all(
-                    x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) for x in xs)
-            return super().run_node(n)
-
-    with torch.inference_mode():
-        _Record(gm).run(*inputs)
-    for name, (fq, size) in lowering.pools.items():
-        x = seen.get(name)
-        if x is None or x.dim() != 4:
-            continue
-        node = next(n for n in gm.graph.nodes if n.name == name)
-        m = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-        adaptive = isinstance(m, nn.AdaptiveAvgPool2d) or node.target is F.adaptive_avg_pool2d
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        fq.pool_rounding = PoolRounding(size, _pool_tie_rule(adaptive, x.shape[1], channels_last))
-    # quantized::cat requantizes like quantized::add on its channels-last fast path (reads
-    # the inputs fused, rounds x * (1/s), then adds the zero point) and otherwise like
-    # dequantize + quantize_per_tensor (reads them plainly, rounds fma(x, 1/s, zp)):
-    # measured, see tests/test_quant_arithmetic.py
-    for name, fq in lowering.requant_cats.items():
-        if name not in cat_layout:
-            lowering.unmodelled.append(name)
-        elif cat_layout[name]:
-            lowering.fused_dequantize.add(name)
-        else:
-            fq.quantize_rounding = "torch"
-    cache: dict[tuple[Any, ...], bool | None] = {}
-    for name, (q, relu) in lowering.onednn_layers.items():
-        x = seen.get(name)
-        if x is None or q.arithmetic is None:
-            continue
-        zps = (int(x.q_zero_point()), q.arithmetic.output.zero_point)
-        key = (repr(q.base), tuple(x.shape), relu, zps)
-        if key not in cache:
-            cache[key] = _onednn_combines_scales(q, relu, tuple(x.shape), zps)
-        if cache[key] is None:
-            lowering.unmodelled.append(name)  # the probe could not tell the order: no exactness claimed
-        else:
-            q.arithmetic = dataclasses.replace(q.arithmetic, combined_scales=cache[key])
-
-
-_ADD_KERNELS = {torch.ops.quantized.add, torch.ops.quantized.add_relu}
-
-
-def _mark_fused_inputs(sim: GraphModule, lowered: GraphModule, fused_ops: set[str]) -> list[str]:
-    """Quantizers read by quantized add (and channels-last cat) hand on the value it reads.
-
-    ``quantized::add`` reads its inputs as ``fma(q, scale, -zp * scale)``, one float32
-    ulp away from ``(q - zp) * scale`` at times, which decides a tie in the sum now and
-    then (``quantized::mul`` and fp32 readers see the plain product). A quantizer gets
-    the fused form where every other reader does not care (conv/linear and average pools
-    recover the integers; a passthrough keeps them). Returns the ops whose inputs are
-    also read in the plain form: their ties are not modelled.
-    """
-    fused_ops = fused_ops | {n.name for n in lowered.graph.nodes if n.op == "call_function" and n.target in _ADD_KERNELS}
-    conflicts: list[str] = []
-    for n in sim.graph.nodes:
-        fq = _fq(sim, n)
-        if fq is None or not fq.enabled:
-            continue
-        readers: list[Node] = []
-        frontier = list(n.users)
-        while frontier:
-            u = frontier.pop()
-            if op_kind(sim, u) is OpKind.PASSTHROUGH:  # relu, max pool, flatten...: same integers, same form
-                frontier.extend(u.users)
-            else:
-                readers.append(u)
-        fused = [u.name for u in readers if u.name in fused_ops]
-        plain = [u for u in readers if u.name not in fused_ops and not _reads_integers(sim, u)]
-        fq.dequantize_fma = bool(fused) and not plain
-        if fused and plain:
-            conflicts += fused
-    return sorted(set(conflicts))
-
-
-def _reads_integers(sim: GraphModule, n: Node) -> bool:
-    """Does ``n`` (in the simulated graph) recover the integers of its quantized input?"""
-    if n.op == "call_module":
-        m = sim.get_submodule(str(n.target))
-        if isinstance(m, QuantLayer):
-            return m.arithmetic is not None
-        if isinstance(m, ActFakeQuant):
-            return not m.quantize_rounding and m.pool_rounding is None  # same qparams: rounds back
-    if op_kind(sim, n) is OpKind.REQUANT and len(n.users) == 1:
-        fq = _fq(sim, next(iter(n.users)))
-        return fq is not None and fq.pool_rounding is not None
-    return False
 
 
 def lower_quantized(program: Program, *, engine: str | None = None) -> tuple[GraphModule, dict[str, Any]]:
@@ -665,10 +412,10 @@ def lower_quantized(program: Program, *, engine: str | None = None) -> tuple[Gra
     engine = engine or default_engine()
     if engine not in ENGINES:
         raise UsageError(f"unknown quantized engine '{engine}'; valid: {choices(ENGINES)}")
-    cfg = info["config"]
+    cfg = info.config
     rederived = []
-    want_rr = cfg["reduce_range"] or (engine in ("fbgemm", "x86") and not cpu_has_vnni())
-    if cfg["activations"] != "u8" or want_rr != cfg["reduce_range"]:
+    want_rr = cfg.reduce_range or (engine in ("fbgemm", "x86") and not cpu_has_vnni())
+    if cfg.activations != "u8" or want_rr != cfg.reduce_range:
         rederive(program, "u8", reduce_range=want_rr)
         rederived.append(f"activations re-derived as u8{' (reduce_range)' if want_rr else ''} from the same calibration")
     clear_kernel_arithmetic(program.graph_module)  # nothing left over from another lowering
@@ -677,7 +424,7 @@ def lower_quantized(program: Program, *, engine: str | None = None) -> tuple[Gra
         gm = lowering.run()
         _measure_kernels(lowering, gm, program.example_inputs)
         lowering.unmodelled += _mark_fused_inputs(program.graph_module, gm, lowering.fused_dequantize)
-        lowering.unmodelled += [n for n, (fq, _) in lowering.pools.items() if fq.pool_rounding is None]
+        lowering.unmodelled += [n for n, (fq, _) in lowering.pools.items() if pool_ties(fq) is None]
     not_exact = sorted(set(lowering.unmodelled) | lowering.inexact)
     stats = dict(lowering.stats, engine=engine, rederived=rederived, points=lowering.points,
                  exact_simulation=not not_exact, not_bit_exact=not_exact)
@@ -996,7 +743,7 @@ class QuantizedArtifact(Artifact):
         #: simulated quantizer node -> lowered node computing the same quantized value
         self.points: dict[str, str] = dict(self.stats.get("points", {}))
         #: the program it was lowered from now simulates these kernels bit for bit
-        #: (quant.KernelArithmetic), so end-to-end agreement can be demanded of it
+        #: (the strategies of _cpu_int8_arith), so end-to-end agreement can be demanded of it
         self.exact_simulation = bool(self.stats.get("exact_simulation"))
 
     def run(self, *inputs: torch.Tensor) -> Any:

@@ -6,7 +6,7 @@ For every zoo model (random weights, 8 random calibration batches, ``--samples``
 verification inputs), compile cpu-int8 with the x86 and fbgemm engines and ort-int8,
 and print the largest |artifact - simulation| over the outputs in output quantization
 steps, each measured twice on the same artifact: against the simulation as lowered (the
-kernels' arithmetic reproduced: ``quant.KernelArithmetic`` and friends) and against
+kernels' arithmetic reproduced: the backends' ``quant.Rounding``/``LayerArithmetic`` strategies) and against
 plain fake-quantization (``quant.clear_kernel_arithmetic``), the simulation before that
 existed. ``*`` marks an ort-int8 artifact that does not claim an exact simulation (it
 has ops whose arithmetic is not modelled). The issue's bound is 2 steps.

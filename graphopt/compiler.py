@@ -339,7 +339,7 @@ def compile(
     if recovery is not None and recovery.result is not None:
         report.extra["recovery"] = recovery.result.to_json()
     if "quant" in program.meta:
-        report.extra["quantization"] = program.meta["quant"]
+        report.extra["quantization"] = program.meta["quant"].to_json()
 
     staging: Path | None = None
     try:
@@ -416,7 +416,7 @@ def _verify(report: Report, fp32_reference: Program, program: Program, artifact:
     elif end_to_end:
         hint = ""
         if "quant" in program.meta:
-            auto = "keep_fp32_auto" in program.meta["quant"]
+            auto = program.meta["quant"].keep_fp32_auto is not None
             hint = (" (--keep-fp32 auto met the tolerance on the calibration inputs but not on these: calibrate on more, "
                     "representative --calib-data)" if auto else " (try --keep-fp32 auto or more --calib-data)")
         failures.append("; ".join(end_to_end) + hint)

@@ -33,18 +33,18 @@ from ``--calib-data`` or with random samples and a warning. A callable in
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
 
 from graphopt import PassResult, Program, register_pass
 from graphopt.errors import DataError, PipelineError
-from graphopt.quant import (
-    META_KEY,
-    QuantConfig,
-    keep_fp32_auto,
-    quantization_error,
-    quantize_program,
-    resolve_names,
-)
+from graphopt.quant import META_KEY, QuantConfig, QuantInfo, quantization_error, quantize_program
+from graphopt.quant.check import _run
+from graphopt.quant.place import CALIBRATION_KEY, Placement, place, strip, summary
+from graphopt.quant.regions import anchors, resolve_names
 from graphopt.verify import Tolerance
 
 #: At most this many calibration samples are used to rank layers for ``keep_fp32=[auto]``.
@@ -91,11 +91,11 @@ def insert_quant_stubs(
         target = Tolerance(min_cosine=keep_fp32_cosine, min_top1=keep_fp32_top1 or None)
         auto_kept = keep_fp32_auto(program, float_gm, samples, target)
 
-    info = program.meta[META_KEY]
+    info: QuantInfo = program.meta[META_KEY]
     error = quantization_error(float_gm, program.graph_module, samples[:2]).metrics
-    n_layers = len(info["quantized_layers"])
-    n_acts = len(info["activations"])
-    kept = info["kept_fp32"]
+    n_layers = len(info.quantized_layers)
+    n_acts = len(info.activations)
+    kept = info.kept_fp32
     detail = (
         f"{n_layers} layers int8 ({activations}, {observer}, weights {'per-channel' if per_channel else 'per-tensor'}), "
         f"{n_acts} activation quantizers, {len(kept)} kept fp32"
@@ -106,11 +106,105 @@ def insert_quant_stubs(
         changed=bool(placement.quantized),
         detail=detail,
         data={
-            "config": info["config"],
-            "calibration_samples": info["calibration_samples"],
+            "config": info.config.to_json(),
+            "calibration_samples": info.calibration_samples,
             "quantized_layers": n_layers,
             "activation_quantizers": n_acts,
             "kept_fp32": kept,
             "quantization_error": error.to_json(),
         },
     )
+
+
+@dataclass
+class Sensitivity:
+    layer: str
+    sensitivity: float  # 1 - cosine of the output when only this layer is quantized
+
+
+def _as_tolerance(tolerance: Any):
+    from graphopt.verify import Tolerance
+
+    if isinstance(tolerance, Tolerance):
+        return tolerance
+    return Tolerance(min_cosine=float(tolerance))
+
+
+def keep_fp32_auto(
+    program: Program,
+    reference_fn: Callable[..., Any],
+    samples: Sequence[Sequence[torch.Tensor]],
+    tolerance: Any = 0.99,
+) -> list[tuple[str, float]]:
+    """Keep the most sensitive layers of a simulated program in fp32 until it meets ``tolerance``.
+
+    ``tolerance`` is a :class:`graphopt.verify.Tolerance` (min cosine / min top-1 are used)
+    or a float minimum cosine. A layer's sensitivity is ``1 - cosine`` of the output
+    against ``reference_fn`` when only that layer is quantized. The worst layers are kept
+    in fp32 (the fewest that meet the tolerance, found by a doubling then binary search
+    over the sensitivity order). Rewrites ``program`` in place (no new calibration) and
+    returns ``[(layer, sensitivity)]`` for the layers kept; ``program.meta['quant']``
+    records them with their reason.
+    """
+    from graphopt.verify import compare
+
+    info = program.meta.get(META_KEY)
+    observers = program.meta.get(CALIBRATION_KEY)
+    if info is None or observers is None:
+        raise ValueError("keep_fp32_auto needs a program that went through insert-quant-stubs")
+    tol = _as_tolerance(tolerance)
+    base_skip = info.config.skip
+    float_gm = strip(program.graph_module)
+    refs = _run(reference_fn, samples)
+    candidates = [a for a in anchors(float_gm) if a not in base_skip]
+
+    def simulate(skip: frozenset[str]) -> tuple[Placement, Any]:
+        p = place(float_gm, observers, replace(info.config, skip=skip))
+        return p, compare(refs, _run(p.graph_module, samples)).metrics
+
+    full, metrics = simulate(base_skip)
+    before = metrics
+    if not tol.violations(metrics):
+        kept: list[Sensitivity] = []
+        chosen = full
+    else:
+        all_names = frozenset(candidates)
+        sens = []
+        for name in candidates:
+            _, m = simulate(base_skip | (all_names - {name}))
+            sens.append(Sensitivity(name, max(0.0, 1.0 - m.cosine)))
+        sens.sort(key=lambda s: -s.sensitivity)
+        cache: dict[int, tuple[Placement, Any]] = {0: (full, metrics)}
+
+        def trial(k: int) -> bool:
+            if k not in cache:
+                cache[k] = simulate(base_skip | {s.layer for s in sens[:k]})
+            return not tol.violations(cache[k][1])
+
+        lo, hi = 0, 1
+        while hi < len(sens) and not trial(hi):
+            lo, hi = hi, min(2 * hi, len(sens))
+        if not trial(hi):
+            hi = len(sens)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if trial(mid):
+                hi = mid
+            else:
+                lo = mid
+        trial(hi)
+        kept = sens[:hi]
+        chosen, metrics = cache[hi]
+    program.graph_module = chosen.graph_module
+    config = replace(info.config, skip=base_skip | {s.layer for s in kept})
+    reasons = [r for r in info.kept_fp32 if r.get("reason") == "skip"]
+    reasons += [{"layer": s.layer, "reason": "auto", "sensitivity": s.sensitivity} for s in kept]
+    program.meta[META_KEY] = summary(program.graph_module, config, reasons, info.calibration_samples)
+    program.meta[META_KEY].keep_fp32_auto = {
+        "tolerance": tol.to_json(),
+        "before": before.to_json(),
+        "after": metrics.to_json(),
+        "kept": [[s.layer, s.sensitivity] for s in kept],
+        "met": not tol.violations(metrics),
+    }
+    return [(s.layer, s.sensitivity) for s in kept]

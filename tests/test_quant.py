@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.fx
+from graphopt.passes.insert_quant_stubs import keep_fp32_auto
 from torch import nn
 
 from graphopt.program import Program
@@ -15,17 +17,16 @@ from graphopt.quant import (
     META_KEY,
     Observer,
     QuantConfig,
+    QuantInfo,
     QuantLayer,
     activation_qparams,
     check_lowering,
     check_lowering_local,
-    _quantiles,
-    keep_fp32_auto,
     quantization_error,
     quantize_program,
     select_range,
-    weight_qparams,
 )
+from graphopt.quant.calibrate import _quantiles, weight_qparams
 from graphopt.verify import Tolerance
 
 
@@ -148,8 +149,26 @@ def test_keep_fp32_auto_keeps_the_sensitive_layer_and_reduces_error():
     after = quantization_error(model, program.run, samples).metrics
     assert after.cosine >= 0.999 > before.cosine
     info = program.meta[META_KEY]
-    assert info["keep_fp32_auto"]["met"] and info["keep_fp32_auto"]["kept"][0][0] == "conv1"
-    assert {"layer": "conv1", "reason": "auto", "sensitivity": kept[0][1]} in info["kept_fp32"]
+    assert info.keep_fp32_auto["met"] and info.keep_fp32_auto["kept"][0][0] == "conv1"
+    assert {"layer": "conv1", "reason": "auto", "sensitivity": kept[0][1]} in info.kept_fp32
+
+
+def test_quant_info_is_typed_and_round_trips_through_json():
+    """program.meta[META_KEY] is one typed record; its JSON (the report's "quantization")
+    keeps the pass's option names and reads back to an equal record."""
+    model, program = sensitive_program()
+    quantize_program(program, QuantConfig(activations="s8", observer="minmax", skip=frozenset({"fc"})))
+    keep_fp32_auto(program, model, program.calibration[:1], 0.9)
+    info = program.meta[META_KEY]
+    assert isinstance(info, QuantInfo) and isinstance(info.config, QuantConfig)
+    data = json.loads(json.dumps(info.to_json()))
+    assert list(data) == ["config", "calibration_samples", "activations", "weights", "quantized_layers", "kept_fp32",
+                          "output_scales", "keep_fp32_auto"]
+    assert data["config"] == {"activations": "s8", "observer": "minmax", "per_channel": True, "reduce_range": False,
+                              "skip": ["fc"]}
+    assert data["quantized_layers"] == sorted(info.weights) and data["calibration_samples"] == 3
+    assert QuantInfo.from_json(data) == info
+    assert QuantConfig.from_json(data["config"]) == info.config
 
 
 def test_keep_fp32_auto_keeps_nothing_when_already_within_tolerance():

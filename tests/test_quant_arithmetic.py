@@ -9,14 +9,24 @@ cannot pass by being too small to see a tie.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.ao.nn.intrinsic as nni
 import torch.nn.functional as F
+from graphopt.backends._cpu_int8_arith import (
+    AvgPoolTies,
+    TorchKernelRounding,
+    _onednn_combines_scales,
+    _pool_tie_rule,
+    engine_scope,
+    layer_arithmetic,
+)
+from graphopt.backends.cpu_int8 import _quantized_layer
 from torch import nn
 
-from graphopt.backends.cpu_int8 import _onednn_combines_scales, _pool_tie_rule, _quantized_layer, engine_scope
-from graphopt.quant import ActFakeQuant, KernelArithmetic, PoolRounding, QParams, QuantLayer, silence_quantized_deprecation
+from graphopt.quant import ActFakeQuant, QParams, QuantLayer, silence_quantized_deprecation
 from tests.conftest import binary_qparams
 
 ENGINES = [e for e in ("fbgemm", "onednn") if e in torch.backends.quantized.supported_engines]
@@ -61,7 +71,9 @@ def _simulated_and_kernel(name: str, engine: str, seed: int = 0):
     combined = False
     if kernel == "onednn":
         combined = bool(_onednn_combines_scales(q, q.fused_relu, tuple(x.shape), (qin.zero_point, qout.zero_point)))
-    arith = KernelArithmetic(kernel, qin, qout, combined)
+    arith = layer_arithmetic(kernel, qin, qout)
+    if combined:
+        arith = dataclasses.replace(arith, combined_scales=True)
     with torch.inference_mode():
         sim = q.kernel_forward(xq.dequantize(), arith)
         plain = torch.fake_quantize_per_tensor_affine(q(xq.dequantize()), qout.scale, qout.zero_point, 0, 255)
@@ -113,7 +125,7 @@ def test_average_pools_break_ties_like_the_kernel(adaptive, channels_last):
     fq = ActFakeQuant("pool")
     fq.set_qparams(QParams(scale, zp, 0, 255))
     plain = fq(pool(xq.dequantize()))
-    fq.pool_rounding = PoolRounding(size, _pool_tie_rule(adaptive, channels, channels_last))
+    fq.rounding = TorchKernelRounding(pool=AvgPoolTies(size, _pool_tie_rule(adaptive, channels, channels_last)))
     sim = fq(pool(xq.dequantize()))
     to_int = lambda t: (torch.round(t / scale) + zp).long()
     k = y.int_repr().long()
@@ -129,7 +141,7 @@ def test_entry_quantizer_rounds_like_quantize_per_tensor():
     fq = ActFakeQuant("x")
     fq.set_qparams(QParams(scale, zp, 0, 255))
     plain = fq(x)
-    fq.quantize_rounding = "torch"
+    fq.rounding = TorchKernelRounding(quantize_per_tensor=True)
     sim = fq(x)
     y = torch.quantize_per_tensor(x, scale, zp, torch.quint8).dequantize()
     assert torch.equal(sim, y)
@@ -156,7 +168,7 @@ def test_quantized_add_inputs_are_read_as_the_kernel_reads_them(relu):
         return torch.round(fqs[2](s.relu() if relu else s) / out.scale).long() + out.zero_point
 
     plain = simulate()
-    fqs[0].dequantize_fma = fqs[1].dequantize_fma = True
+    fqs[0].rounding, fqs[1].rounding = TorchKernelRounding(fused_read=True), TorchKernelRounding(fused_read=True)
     k = kernel.int_repr().long()
     assert torch.equal(simulate(), k), f"{int((simulate() != k).sum())} differ"
     assert not torch.equal(plain, k)
@@ -179,7 +191,8 @@ def test_quantized_mul_reads_inputs_plainly():
         for fq, qp in zip(fqs, qps):
             fq.set_qparams(qp)
         for fused in (False, True):
-            fqs[0].dequantize_fma = fqs[1].dequantize_fma = fused
+            fqs[0].rounding, fqs[1].rounding = (TorchKernelRounding(fused_read=True), TorchKernelRounding(fused_read=True)) \
+                if fused else (None, None)
             y = fqs[2](fqs[0].dequantize(ia.float()) * fqs[1].dequantize(ib.float()))
             bad = int(((torch.round(y / (3 * so)) + zo).long() != k).sum())
             fused_bad, plain_bad = (fused_bad + bad, plain_bad) if fused else (fused_bad, plain_bad + bad)
@@ -205,8 +218,10 @@ def test_quantized_cat_requantizes_like_the_kernel(channels_last):
         for fq, (s, z) in zip(fqs, ((sa, za), (sb, zb), (so, zo))):
             fq.set_qparams(QParams(s, z, 0, 255))
         plain = (torch.round(fqs[2](torch.cat([x.dequantize() for x in xs], 1)) / so) + zo).long()
-        fqs[0].dequantize_fma = fqs[1].dequantize_fma = channels_last
-        fqs[2].quantize_rounding = "" if channels_last else "torch"
+        if channels_last:
+            fqs[0].rounding, fqs[1].rounding = TorchKernelRounding(fused_read=True), TorchKernelRounding(fused_read=True)
+        else:
+            fqs[2].rounding = TorchKernelRounding(quantize_per_tensor=True)
         y = fqs[2](torch.cat([fq.dequantize(x.int_repr().float()) for fq, x in zip(fqs, xs)], 1))
         bad += int(((torch.round(y / so) + zo).long() != k).sum())
         plain_bad += int((plain != k).sum())

@@ -70,7 +70,7 @@ def test_every_op_lowers_exactly(compiled, name):
     _, program, artifact, samples = compiled(name)
     check = check_lowering_local(program, artifact.graph_module, artifact.points, samples[:1])
     assert check.ok, check.violations
-    assert len(check.errors) == len(program.meta["quant"]["activations"])
+    assert len(check.errors) == len(program.meta["quant"].activations)
     assert max(check.errors.values()) == 0, check.worst()
 
 
@@ -84,7 +84,7 @@ def test_every_zoo_model_matches_the_simulation_end_to_end(compiled, name):
     assert artifact.exact_simulation, artifact.stats["not_bit_exact"]
     check = check_lowering(program, artifact.run, samples)
     assert check.ok, check.violations
-    assert check.bounds[0] == pytest.approx(2 * program.meta["quant"]["output_scales"][0])
+    assert check.bounds[0] == pytest.approx(2 * program.meta["quant"].output_scales[0])
     assert check.max_abs_err == [0.0]
 
 
@@ -103,7 +103,7 @@ def test_lowered_graph_uses_quantized_kernels(compiled, name):
     float_layers = [n for n, m in gm.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     assert not float_layers
     n_quantized = sum(isinstance(m, QUANTIZED_LAYERS) for m in gm.modules())
-    assert n_quantized == len(program.meta["quant"]["weights"])
+    assert n_quantized == len(program.meta["quant"].weights)
     quantize = [n for n in gm.graph.nodes if n.target is torch.quantize_per_tensor]
     dequantize = [n for n in gm.graph.nodes if n.target is torch.dequantize]
     assert artifact.stats["quantize"] == len(quantize) and artifact.stats["dequantize"] == len(dequantize)
@@ -137,7 +137,7 @@ def test_skipped_layer_is_an_fp32_island(host):
     (fc,) = [n for n in gm.graph.nodes if n.target == "fc"]
     assert fc.args[0].target is torch.dequantize
     assert check_lowering_local(program, gm, artifact.points, samples[:1]).ok
-    assert program.meta["quant"]["output_scales"] == [None]  # no quantizer right before the output
+    assert program.meta["quant"].output_scales == [None]  # no quantizer right before the output
 
 
 def test_layer_called_twice_is_not_claimed_exact(host):
@@ -229,11 +229,13 @@ def test_loaded_artifact_keeps_the_lowering_points(host, compiled, tmp_path):
 def test_lowering_starts_from_plain_fake_quantization(host):
     """Flags another lowering left on the program (ort-int8's QLinearAdd, its rounding)
     are cleared: the cpu-int8 simulation is the same as on a fresh program."""
+    from graphopt.backends.ort import OrtRounding
+
     _, program, artifact, samples = compile_zoo(host, "resnet18")
     fresh = [program.run(*s) for s in samples]
     for m in program.graph_module.modules():
         if isinstance(m, ActFakeQuant):
-            m.quantize_rounding, m.stash = "onnx", True
+            m.rounding = OrtRounding(divide=True, keep_integers=True)
     spec = host.targets.get("cpu-int8")
     artifact = spec.backend.lower(program, spec)
     assert all(torch.equal(program.run(*s), f) for s, f in zip(samples, fresh))
@@ -268,7 +270,7 @@ def test_depthwise_convs_are_packed_for_onednn(compiled):
 
 def test_s8_program_is_rederived_for_the_cpu(host):
     _, program, artifact, samples = compile_zoo(host, "digits_cnn", pipeline="fuse-conv-bn-relu,insert-quant-stubs{activations=s8}")
-    assert program.meta["quant"]["config"]["activations"] == "u8"
+    assert program.meta["quant"].config.activations == "u8"
     assert any("re-derived" in r for r in artifact.stats["rederived"])
     assert check_lowering(program, artifact.run, samples).ok
 
@@ -279,8 +281,8 @@ def test_cpus_without_vnni_get_7_bit_activations(host, monkeypatch):
 
     monkeypatch.setattr(backend, "cpu_has_vnni", lambda: False)
     _, program, artifact, samples = compile_zoo(host, "digits_cnn", engine="fbgemm")
-    assert program.meta["quant"]["config"]["reduce_range"] is True
-    assert all(e["quant_max"] == 127 for e in program.meta["quant"]["activations"].values())
+    assert program.meta["quant"].config.reduce_range is True
+    assert all(e["quant_max"] == 127 for e in program.meta["quant"].activations.values())
     assert check_lowering_local(program, artifact.graph_module, artifact.points, samples[:1]).ok
 
 
@@ -318,7 +320,7 @@ def test_end_to_end_gate_applies_only_to_an_exact_simulation(compiled, exact):
     from graphopt.quant import verify_int8
 
     model, program, artifact, samples = compiled("digits_cnn")
-    step = program.meta["quant"]["output_scales"][0]
+    step = program.meta["quant"].output_scales[0]
 
     class Shifted:
         graph_module, points, exact_simulation = artifact.graph_module, artifact.points, exact

@@ -25,7 +25,12 @@ from graphopt import zoo  # noqa: E402
 from graphopt.errors import ArtifactError, BackendUnavailableError, UsageError  # noqa: E402
 from graphopt.pipeline import PassManager, parse_pipeline  # noqa: E402
 from graphopt.program import Program, flatten_outputs  # noqa: E402
-from graphopt.quant import check_lowering, lowering_error, quantization_error, verify_int8  # noqa: E402
+from graphopt.quant import (  # noqa: E402
+    check_lowering,
+    lowering_error,
+    quantization_error,
+    verify_int8,
+)
 
 ZOO_FP32 = ["resnet18", "mobilenet_v2", "shufflenet_v2", "densenet", "se_resnet", "inception", "digits_cnn"]
 ZOO_INT8 = ZOO_FP32
@@ -221,7 +226,7 @@ def test_int8_every_quantized_op_is_within_one_step_of_the_simulation(lowered, n
     result = verify_int8(model, program, artifact, samples)
     assert result["violations"] == []
     local = result["lowering_local"]
-    assert local["ok"] and local["compared"] == len(program.meta["quant"]["activations"])
+    assert local["ok"] and local["compared"] == len(program.meta["quant"].activations)
     assert max(e for _, e in local["worst"]) <= 1.01
 
 
@@ -244,7 +249,7 @@ def test_int8_matches_the_simulation_exactly_where_every_op_is_modelled(lowered,
     _, program, artifact, samples = lowered(name)
     assert artifact.exact_simulation, artifact.fields["not_bit_exact"]
     check = check_lowering(program, artifact.run, samples)
-    assert check.bounds[0] == pytest.approx(2 * program.meta["quant"]["output_scales"][0])
+    assert check.bounds[0] == pytest.approx(2 * program.meta["quant"].output_scales[0])
     assert check.max_abs_err == [0.0]
 
 
@@ -260,6 +265,7 @@ def test_int8_unmodelled_ops_are_listed_and_not_claimed_exact(lowered):
 def test_qlinear_add_is_computed_from_the_operands_integers():
     """MLAS QLinearAdd on every pair of input integers, 20 qparam sets (half with ties):
     the simulation's QLinearAdd equals it; adding the dequantized values does not."""
+    from graphopt.backends.ort import OrtRounding, QLinearAdd
     from onnx import TensorProto, helper
 
     from graphopt.quant import ActFakeQuant, QParams
@@ -284,9 +290,9 @@ def test_qlinear_add_is_computed_from_the_operands_integers():
         x = fqs[0].dequantize(torch.from_numpy(a8).float()) + fqs[1].dequantize(torch.from_numpy(b8).float())
         plain += int(((torch.round(fqs[2](x) / sc) + zc).long() != k).sum())
         for fq, q in zip(fqs, (a8, b8)):
-            fq.stash = True
+            fq.rounding = OrtRounding(keep_integers=True)
             fq.dequantize(torch.from_numpy(q).float())
-        fqs[2].qlinear_add = (fqs[0], fqs[1])
+        fqs[2].rounding = QLinearAdd(a=fqs[0], b=fqs[1])
         exact += int(((torch.round(fqs[2](x) / sc) + zc).long() != k).sum())
     assert exact == 0
     assert plain > 0
@@ -295,6 +301,7 @@ def test_qlinear_add_is_computed_from_the_operands_integers():
 def test_onnx_quantize_linear_divides_by_the_scale():
     """QuantizeLinear rounds x / scale (fake-quantization multiplies by 1/scale): on exact
     and near ties the "onnx" rounding matches ONNX Runtime, the plain one does not."""
+    from graphopt.backends.ort import OrtRounding
     from onnx import TensorProto, helper
 
     from graphopt.quant import ActFakeQuant, QParams
@@ -314,7 +321,7 @@ def test_onnx_quantize_linear_divides_by_the_scale():
     fq.set_qparams(QParams(scale, zp, 0, 255))
     to_int = lambda t: (torch.round(t / scale) + zp).long()
     plain = to_int(fq(x))
-    fq.quantize_rounding = "onnx"
+    fq.rounding = OrtRounding(divide=True)
     assert torch.equal(to_int(fq(x)), torch.from_numpy(y.astype(np.int64)))
     assert not torch.equal(plain, torch.from_numpy(y.astype(np.int64)))
 
@@ -329,8 +336,8 @@ def test_int8_graph_has_qdq_pairs_and_int8_weights(lowered):
     onnx.checker.check_model(model)
     ops = collections.Counter(n.op_type for n in model.graph.node)
     inits = _initializers(model)
-    n_act = len(program.meta["quant"]["activations"])
-    n_layers = len(program.meta["quant"]["weights"])
+    n_act = len(program.meta["quant"].activations)
+    n_layers = len(program.meta["quant"].weights)
     assert ops["QuantizeLinear"] >= n_act and ops["DequantizeLinear"] >= n_act + n_layers
     producers = {o: n for n in model.graph.node for o in n.output}
     weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
@@ -357,7 +364,7 @@ def test_int8_onnxruntime_fuses_the_whole_graph(lowered, name, tmp_path):
     dequantize at the output, no fp32 Conv/Add/Relu/Clip left."""
     _, program, artifact, _ = lowered(name)
     ops = _optimized_ops(artifact.model_bytes, tmp_path)
-    convs = sum(1 for w in program.meta["quant"]["weights"].values() if "Conv" in w["type"])
+    convs = sum(1 for w in program.meta["quant"].weights.values() if "Conv" in w["type"])
     assert ops["QLinearConv"] == convs
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1, ops
     assert not {"Conv", "FusedConv", "Add", "Relu", "Clip", "Concat", "MaxPool", "Mul", "Gemm"} & set(ops), ops
@@ -376,7 +383,7 @@ def test_int8_artifact_is_small_and_round_trips(host, lowered, tmp_path):
     manifest = json.loads((tmp_path / "int8" / "artifact.json").read_text())
     assert manifest["target"] == "ort-int8" and manifest["precision"] == "int8"
     assert manifest["activations"] == "u8" and manifest["opset"] >= 17
-    assert manifest["qdq"]["int8_weights"] == 21 and len(manifest["points"]) == len(program.meta["quant"]["activations"])
+    assert manifest["qdq"]["int8_weights"] == 21 and len(manifest["points"]) == len(program.meta["quant"].activations)
     loaded = load_artifact(tmp_path / "int8", host=host)
     assert loaded.points.keys() == artifact.points.keys()
     for (x,) in samples:
@@ -386,7 +393,7 @@ def test_int8_artifact_is_small_and_round_trips(host, lowered, tmp_path):
 
 def test_s8_activations_have_int8_zero_points(lowered):
     model, program, artifact, samples = lowered("mobilenet_v2", pipeline=S8_PIPELINE)
-    assert program.meta["quant"]["config"]["activations"] == "s8"  # the reference is not re-derived
+    assert program.meta["quant"].config.activations == "s8"  # the reference is not re-derived
     assert artifact.fields["activations"] == "s8"
     m = artifact.model
     inits = _initializers(m)
@@ -402,7 +409,7 @@ def test_reduce_range_is_kept_by_a_clip(lowered):
     """ONNX saturates at the full 8-bit range: a 7-bit simulation needs a Clip before Q."""
     model, program, artifact, samples = lowered("digits_cnn", pipeline="fuse-conv-bn-relu,insert-quant-stubs{reduce_range=true},dce")
     ops = collections.Counter(n.op_type for n in artifact.model.graph.node)
-    assert ops["Clip"] >= len(program.meta["quant"]["activations"]) - 1
+    assert ops["Clip"] >= len(program.meta["quant"].activations) - 1
     assert verify_int8(model, program, artifact, samples)["violations"] == []
     assert check_lowering(program, artifact.run, samples).ok
 
@@ -480,7 +487,7 @@ def test_cli_lists_the_targets(capsys):
 
 
 def test_fp32_falls_back_to_the_torch_export_based_exporter(host, monkeypatch):
-    import graphopt.backends.ort as ort_backend
+    import graphopt.backends._onnx_export as ort_backend
 
     def refuse(*args, **kwargs):
         raise RuntimeError("TorchScript exporter unavailable")

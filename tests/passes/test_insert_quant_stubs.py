@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.fx
 from torch import nn
-
-import pytest
 
 from graphopt import zoo
 from graphopt.errors import DataError, PipelineError
@@ -75,20 +74,20 @@ def test_every_conv_and_linear_is_quantized_between_quantizers(resnet18):
 def test_qparams_recorded_in_meta_and_modules(resnet18):
     _, program, record = resnet18
     info = program.meta[META_KEY]
-    assert info["config"] == {"activations": "u8", "observer": "histogram", "per_channel": True, "reduce_range": False, "skip": []}
+    assert info.config.to_json() == {"activations": "u8", "observer": "histogram", "per_channel": True, "reduce_range": False, "skip": []}
     fqs = quantizers(program.graph_module)
-    assert set(info["activations"]) == set(fqs)
+    assert set(info.activations) == set(fqs)
     for name, fq in fqs.items():
-        entry = info["activations"][name]
+        entry = info.activations[name]
         assert entry["scale"] == pytest.approx(float(fq.scale)) and entry["zero_point"] == int(fq.zero_point)
         assert entry["dtype"] == "quint8" and 0 <= entry["zero_point"] <= 255
     # average pooling keeps its input's grid
-    assert info["activations"]["fq_avgpool"]["inherit"]
-    assert len(info["weights"]) == 21 and info["output_scales"][0] > 0
+    assert info.activations["fq_avgpool"]["inherit"]
+    assert len(info.weights) == 21 and info.output_scales[0] > 0
     assert record.contract == "approximate" and record.data["quantization_error"]["cosine"] > 0.99
     import json
 
-    json.dumps(info)  # JSON-able
+    json.dumps(info.to_json())  # JSON-able
 
 
 @pytest.mark.parametrize("name, batch", [("resnet18", 2), ("digits_cnn", 8)])
@@ -110,9 +109,9 @@ def test_mobilenet_v2_meets_cosine_with_auto_fp32_layers(host):
     samples = eval_samples(program)
     assert quantization_error(model, full.run, samples).metrics.cosine >= 0.96
     records = run(host, program, "fuse-conv-bn-relu,insert-quant-stubs{keep-fp32=[auto],keep-fp32-cosine=0.992}")
-    auto = program.meta[META_KEY]["keep_fp32_auto"]
+    auto = program.meta[META_KEY].keep_fp32_auto
     assert auto["met"] and 0 < len(auto["kept"]) <= 12, auto
-    assert all(r["reason"] == "auto" and r["sensitivity"] >= 0 for r in program.meta[META_KEY]["kept_fp32"])
+    assert all(r["reason"] == "auto" and r["sensitivity"] >= 0 for r in program.meta[META_KEY].kept_fp32)
     assert "by auto" in records[1].detail
     assert quantization_error(model, program.run, samples).metrics.cosine >= 0.99
 
@@ -125,9 +124,9 @@ def test_skip_keeps_named_layers_and_prefixes_fp32(host):
     for name in ("layers.3.1.conv1.0", "layers.3.1.conv2.0"):
         assert not isinstance(gm.get_submodule(name), QuantLayer)
     assert isinstance(gm.get_submodule("layers.3.0.conv1.0"), QuantLayer)
-    kept = {k["layer"] for k in program.meta[META_KEY]["kept_fp32"]}
+    kept = {k["layer"] for k in program.meta[META_KEY].kept_fp32}
     assert {"fc", "layers.3.1.conv1.0", "layers.3.1.conv2.0"} <= kept
-    assert program.meta[META_KEY]["output_scales"] == [None]  # fc computes in fp32 after the last quantizer
+    assert program.meta[META_KEY].output_scales == [None]  # fc computes in fp32 after the last quantizer
     assert quantization_error(model, program.run, eval_samples(program)).metrics.cosine > 0.99
 
 
@@ -138,7 +137,7 @@ def test_one_calibration_serves_both_schemes(host):
     u8 = {n: (float(m.scale), int(m.zero_point), m.quant_min) for n, m in quantizers(program.graph_module).items()}
     calls = []
     program.calibration = None  # re-deriving never touches data
-    import graphopt.quant as q
+    import graphopt.quant.place as q
 
     original = q.calibrate
     q.calibrate = lambda *a, **k: calls.append(1)  # type: ignore[assignment]
@@ -149,8 +148,8 @@ def test_one_calibration_serves_both_schemes(host):
     assert not calls and program.meta[CALIBRATION_KEY] is observers
     s8 = quantizers(program.graph_module)
     assert all(int(m.zero_point) == 0 and (m.quant_min, m.quant_max) == (-128, 127) for m in s8.values())
-    assert program.meta[META_KEY]["config"]["activations"] == "s8"
-    assert all(e["dtype"] == "qint8" for e in program.meta[META_KEY]["activations"].values())
+    assert program.meta[META_KEY].config.activations == "s8"
+    assert all(e["dtype"] == "qint8" for e in program.meta[META_KEY].activations.values())
     rederive(program, "u8")
     assert {n: (float(m.scale), int(m.zero_point), m.quant_min) for n, m in quantizers(program.graph_module).items()} == u8
 
