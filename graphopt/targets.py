@@ -132,9 +132,9 @@ class BackendOption:
             try:
                 value = self.type(value)
             except ValueError:
-                raise UsageError(f"{self.flag} {value!r} for target '{target}': not a {self.type.__name__}") from None
+                raise UsageError(f"{self.flag} {value!r} for target '{target}': expected {self.type.__name__}") from None
         if not isinstance(value, self.type) or isinstance(value, bool):
-            raise UsageError(f"{self.flag} {value!r} for target '{target}': not a {self.type.__name__}")
+            raise UsageError(f"{self.flag} {value!r} for target '{target}': expected {self.type.__name__}")
         return value
 
     def to_json(self) -> dict[str, Any]:

@@ -362,7 +362,8 @@ def test_force_never_replaces_a_folder_holding_an_input_or_foreign_files(work):
     assert_fails(result, 2, "--force will not replace 'models'", "it holds the input 'models/w.pt'")
     (work / "data").mkdir()
     np.save(work / "data" / "calib.npy", np.random.default_rng(0).standard_normal((8, 1, 3, 16, 16)).astype("float32"))
-    assert_fails(_compile_tiny(work, "data", "--calib-data", "data/calib.npy", "--force"), 2, "it holds the input 'data/calib.npy'")
+    result = _compile_tiny(work, "data", "--calib-data", "data/calib.npy", "--force")
+    assert_fails(result, 2, "it holds the input 'data/calib.npy'")
     # the source module itself (pkg.module:factory) is an input too
     (work / "pkg").mkdir()
     (work / "pkg" / "artifact.json").write_text("{}")
