@@ -180,8 +180,8 @@ class CompileOptions:
     def __post_init__(self) -> None:
         self.keep_fp32 = tuple(_names(self.keep_fp32))
         self.print_ir_after = tuple(_names(self.print_ir_after))
-        self.plugins = (self.plugins,) if isinstance(self.plugins, str) else tuple(self.plugins)
-        self.instruments = tuple(self.instruments)
+        self.plugins = (self.plugins,) if isinstance(self.plugins, str) else tuple(self.plugins or ())
+        self.instruments = tuple(self.instruments or ())
         if self.backend_options is None:
             self.backend_options = {}
         self.validate()
@@ -243,9 +243,9 @@ class CompileOptions:
         return Plan(spec, pipe, bool(quant_invs), tolerance, self.tolerance is not None, backend_options)
 
 
-def _names(values: str | Iterable[str]) -> list[str]:
+def _names(values: str | Iterable[str] | None) -> list[str]:
     """Names given as one comma-separated string or as a sequence of them."""
-    values = [values] if isinstance(values, str) else list(values)
+    values = [values] if isinstance(values, str) else list(values or ())
     return [n.strip() for v in values for n in str(v).split(",") if n.strip()]
 
 
