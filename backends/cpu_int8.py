@@ -74,7 +74,7 @@ from graphopt.quant import (
     rederive,
     silence_quantized_deprecation,
 )
-from graphopt.targets import Artifact, TargetSpec, register_target
+from graphopt.targets import Artifact, BackendOption, TargetSpec, register_target
 
 GRAPH_FILE = "graph.json"
 WEIGHTS_FILE = "weights.pt"
@@ -760,6 +760,8 @@ class QuantizedArtifact(Artifact):
 
 class CpuInt8Backend:
     name = "torch-quantized-cpu"
+    options = (BackendOption("engine", "quantized kernel engine [default: the fastest here, x86 where it exists]",
+                             choices=ENGINES),)
 
     def unavailable_reason(self) -> str | None:
         supported = torch.backends.quantized.supported_engines
@@ -769,9 +771,10 @@ class CpuInt8Backend:
 
     def lower(self, program: Program, target: TargetSpec) -> Artifact:
         options = program.meta.get("backend_options") or {}
-        unknown = set(options) - {"engine"}
+        valid = [o.name for o in self.options]
+        unknown = set(options) - set(valid)
         if unknown:
-            raise UsageError(f"cpu-int8: unknown backend option(s) {choices(unknown)}; valid: 'engine'")
+            raise UsageError(f"cpu-int8: unknown backend option(s) {choices(unknown)}; valid: {choices(valid)}")
         engine = options.get("engine") or default_engine()
         gm, stats = lower_quantized(program, engine=engine)
         return QuantizedArtifact(gm, target, program.input_specs, engine, stats)

@@ -61,7 +61,7 @@ from graphopt.quant import (
     pool_window,
     quantizer_of,
 )
-from graphopt.targets import Artifact, TargetSpec, register_target
+from graphopt.targets import Artifact, BackendOption, TargetSpec, register_target
 
 __all__ = [
     "OPSET",
@@ -469,6 +469,7 @@ class OrtArtifact(Artifact):
 
 class OrtBackend:
     name = "onnxruntime"
+    options = (BackendOption("threads", "ONNX Runtime intra-op threads [default: one per core]", type=int),)
 
     def __init__(self, precision: str) -> None:
         self.precision = precision

@@ -19,7 +19,9 @@ __all__ = [
     "register_pass",
     "register_target",
     "Artifact",
+    "BackendOption",
     "compile",
+    "CompileOptions",
     "CompileResult",
     "load_artifact",
     "capture",
@@ -35,7 +37,9 @@ _LAZY = {
     "register_pass": "graphopt.pipeline",
     "register_target": "graphopt.targets",
     "Artifact": "graphopt.targets",
+    "BackendOption": "graphopt.targets",
     "compile": "graphopt.compiler",
+    "CompileOptions": "graphopt.compiler",
     "CompileResult": "graphopt.compiler",
     "load_artifact": "graphopt.compiler",
     "capture": "graphopt.capture",
@@ -45,11 +49,11 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from graphopt.capture import capture
-    from graphopt.compiler import CompileResult, compile, load_artifact
+    from graphopt.compiler import CompileOptions, CompileResult, compile, load_artifact
     from graphopt.errors import GraphoptError
     from graphopt.pipeline import PassResult, register_pass
     from graphopt.program import InputSpec, Program
-    from graphopt.targets import Artifact, register_target
+    from graphopt.targets import Artifact, BackendOption, register_target
     from graphopt.verify import Tolerance
 
 

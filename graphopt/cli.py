@@ -57,9 +57,37 @@ def _tolerance(precision: str, kw: dict[str, Any], *, none_if_default: bool = Fa
     return default_tolerance(precision).with_overrides(**overrides)
 
 
-def _names(values: Sequence[str]) -> list[str]:
-    """Repeatable, comma-separated option values, flattened."""
-    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+_BACKEND = "backend__"  # python name prefix of the options the backends declare
+
+
+def _plugins_in(args: Sequence[str]) -> list[str]:
+    """The ``--plugin`` values on a command line (before click parses it)."""
+    found = [v.split("=", 1)[1] for v in args if v.startswith("--plugin=")]
+    found += [args[i + 1] for i, v in enumerate(args[:-1]) if v == "--plugin"]
+    return found
+
+
+class _CompileCommand(click.Command):
+    """``compile``, with one option per option the registered backends declare (``--plugin`` ones included)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from graphopt.compiler import host_with
+        from graphopt.errors import PluginError
+        from graphopt.targets import options_of
+
+        own = [p for p in self.params if not p.name or not p.name.startswith(_BACKEND)]
+        taken = {o for p in own for o in p.opts}
+        declared: dict[str, tuple[Any, list[str]]] = {}
+        for t in host_with(_plugins_in(args)).targets:
+            for option in options_of(t.backend):
+                if option.flag in taken:
+                    raise PluginError(f"target '{t.name}' declares backend option {option.flag}, which compile already has")
+                declared.setdefault(option.name, (option, []))[1].append(t.name)
+        self.params = own + [
+            click.Option([o.flag, _BACKEND + name], default=None, metavar=o.type_text(), help=f"{o.help} ({', '.join(targets)})")
+            for name, (o, targets) in declared.items()
+        ]
+        return super().parse_args(ctx, args)
 
 
 class _Stages:
@@ -91,12 +119,12 @@ def cli(debug: bool) -> None:
     """graphopt: compile trained models, and prove they still compute what they did."""
 
 
-@cli.command("compile")
+@cli.command("compile", cls=_CompileCommand)
 @click.argument("source", required=False)
 @click.option("--model", "model_opt", metavar="SOURCE", help="The model source, if not given as the argument (pkg.module:factory).")
 @click.option("-t", "--target", default="cpu-fp32", show_default=True, help="Target name (see `graphopt targets`).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output folder [default: NAME.TARGET].")
-@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it holds a graphopt artifact (and nothing else).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="1x3x224x224", help="Shape of an input; repeat for several inputs.")
 @click.option("--pipeline", help="Pass pipeline text, e.g. 'fuse-conv-bn-relu,dce' [default: the target's].")
 @click.option("--verify-each", is_flag=True, help="Check every pass against its numerical contract.")
@@ -112,7 +140,6 @@ def cli(debug: bool) -> None:
 @click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="NAMES|auto",
               help="Layers (module path or node name, comma-separated) to keep in fp32 in an int8 target; "
                    "'auto' keeps the most sensitive ones until the tolerance is met.")
-@click.option("--engine", type=click.Choice(["x86", "fbgemm", "onednn"]), help="cpu-int8 kernel engine [default: the fastest here].")
 @click.option("--recover-steps", default=0, show_default=True, type=int,
               help="Distillation steps against the original after the passes (before quantization).")
 @click.option("--recover-lr", default=1e-2, show_default=True, type=float, help="Peak learning rate for --recover-steps.")
@@ -128,11 +155,15 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, output: 
                 input_shapes: tuple[str, ...], pipeline: str | None, verify_each: bool,
                 print_ir_after: tuple[str, ...], plugins: tuple[str, ...], calib_data: str | None,
                 calib_samples: int, calib_size: str | None, calib_normalize: str, keep_fp32: tuple[str, ...],
-                engine: str | None, recover_steps: int, recover_lr: float, verify_samples: int, seed: int,
+                recover_steps: int, recover_lr: float, verify_samples: int, seed: int,
                 weights: Path | None, trust_pickle: bool, no_latency: bool, as_json: bool, quiet: bool,
-                **tol: Any) -> None:
-    """Compile SOURCE (zoo:NAME, pkg.module:factory, model.pt2, model.pt) for a target."""
-    from graphopt.compiler import compile as do_compile, default_output_dir, host_with
+                **kw: Any) -> None:
+    """Compile SOURCE (zoo:NAME, pkg.module:factory, model.pt2, model.pt) for a target.
+
+    The options the targets' backends declare (see `graphopt targets`) are listed last.
+    """
+    from graphopt.compiler import CompileOptions, default_output_dir, host_with
+    from graphopt.compiler import compile as do_compile
     from graphopt.errors import UsageError
 
     if source and model_opt:
@@ -140,24 +171,20 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, output: 
     source = source or model_opt
     if not source:
         raise UsageError("missing SOURCE: zoo:NAME, pkg.module:factory, model.pt2 or model.pt (see graphopt compile --help)")
-    if calib_size and not calib_data:
-        raise UsageError("--calib-size resizes the images of a --calib-data folder; give --calib-data too")
+    backend_options = {k[len(_BACKEND):]: kw.pop(k) for k in list(kw) if k.startswith(_BACKEND)}
     spec = host_with(plugins).targets.get(target)
-    if engine and spec.backend.name != "torch-quantized-cpu":
-        raise UsageError(f"--engine applies to the cpu-int8 target, not '{target}'")
-    tolerance = _tolerance(spec.precision, tol, none_if_default=True)
     out = output or default_output_dir(source, target)
     stages = _Stages(quiet or as_json)
+    options = CompileOptions(
+        target=target, input_shapes=_shapes(input_shapes), pipeline=pipeline, output=out, force=force,
+        verify_each=verify_each, data=calib_data, verify_samples=verify_samples, calib_samples=calib_samples,
+        calib_size=calib_size, calib_normalize=calib_normalize, keep_fp32=keep_fp32,
+        backend_options={k: v for k, v in backend_options.items() if v is not None}, recover_steps=recover_steps,
+        recover_lr=recover_lr, seed=seed, tolerance=_tolerance(spec.precision, kw, none_if_default=True), plugins=plugins,
+        weights=weights, trust_pickle=trust_pickle, print_ir_after=print_ir_after, measure=not no_latency, on_stage=stages,
+    )
     try:
-        result = do_compile(
-            source, target=target, input_shapes=_shapes(input_shapes), pipeline=pipeline, output=out, force=force,
-            verify_each=verify_each, data=calib_data, verify_samples=verify_samples, calib_samples=calib_samples,
-            calib_size=calib_size, calib_normalize=calib_normalize, keep_fp32=_names(keep_fp32),
-            backend_options={"engine": engine} if engine else None, recover_steps=recover_steps, recover_lr=recover_lr,
-            seed=seed, tolerance=tolerance,
-            plugins=plugins, weights=weights, trust_pickle=trust_pickle, print_ir_after=print_ir_after,
-            measure=not no_latency, on_stage=stages,
-        )
+        result = do_compile(source, options)
     except Exception as exc:
         stages.stop()
         report = getattr(exc, "report", None)
@@ -211,21 +238,25 @@ def targets_cmd(plugins: tuple[str, ...], as_json: bool) -> None:
     from rich.table import Table
 
     from graphopt.compiler import host_with
+    from graphopt.targets import options_of
 
     host = host_with(plugins)
     rows = []
     for t in host.targets:
         reason = t.backend.unavailable_reason()
         rows.append({"name": t.name, "backend": t.backend.name, "precision": t.precision, "pipeline": t.pipeline,
-                     "available": reason is None, "why_not": reason, "doc": t.doc})
+                     "options": [o.to_json() for o in options_of(t.backend)], "available": reason is None, "why_not": reason,
+                     "doc": t.doc})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     table = Table()
-    for col in ("target", "backend", "precision", "default pipeline", "available here"):
+    for col in ("target", "backend", "precision", "default pipeline", "options", "available here"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], r["backend"], r["precision"], r["pipeline"], "yes" if r["available"] else f"no: {r['why_not']}")
+        opts = "\n".join(f"{o['flag']} {o['type']}" for o in r["options"]) or "–"
+        available = "yes" if r["available"] else f"no: {r['why_not']}"
+        table.add_row(r["name"], r["backend"], r["precision"], r["pipeline"], opts, available)
     _console().print(table)
 
 

@@ -1,34 +1,41 @@
 """compile(): capture → passes → lower → save → load back → verify → rename into place.
 
-The artifact that is verified is the one read back from disk, so a serialization bug
-cannot hide. Outputs are written to a temporary folder beside the destination and
-renamed into place only after verification passed: a failed compile leaves nothing.
+:class:`CompileOptions` holds how to compile (validated once); :func:`compile` reads as
+its steps. The artifact that is verified is the one read back from disk, so a
+serialization bug cannot hide. Outputs are written to a staging folder beside the
+destination (:mod:`graphopt.output`) and renamed into place only after verification
+passed: a failed compile leaves nothing.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
-import shutil
+import math
 import statistics
-import tempfile
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from graphopt.data import Sample, fresh, is_callable_source
-from graphopt.errors import ArtifactError, GraphoptError, UsageError, VerificationError, choices
-from graphopt.pipeline import Instrument, PassInvocation, PassManager, PassRecord, parse_pipeline
+from graphopt.capture import capture
+from graphopt.data import NORMALIZATIONS, CalibrationData, Sample, fresh, is_callable_source
+from graphopt.errors import ArtifactError, DataError, GraphoptError, UsageError, VerificationError, choices
+from graphopt.instruments import QUANT_PASS, PrintIR, Recovery, SnapshotBefore, VerifyEach, run_all
+from graphopt.output import REPORT, Output
+from graphopt.pipeline import Instrument, PassManager, PassRecord, Pipeline, parse_pipeline
 from graphopt.plugins import PluginHost, default_host
 from graphopt.program import Program
 from graphopt.report import Report, Verification
 from graphopt.targets import Artifact, TargetSpec, read_manifest
 from graphopt.verify import Tolerance, check_finite, compare, default_tolerance
 
-__all__ = ["compile", "CompileResult", "load_artifact", "host_with", "measure_latency_ms", "run_all", "default_output_dir"]
+__all__ = ["compile", "CompileOptions", "CompileResult", "Plan", "load_artifact", "host_with", "measure_latency_ms",
+           "run_all", "default_output_dir"]
 
 
 @dataclass
@@ -48,12 +55,6 @@ def host_with(plugins: Sequence[str] = ()) -> PluginHost:
     for p in plugins:
         host.load(p)
     return host
-
-
-def run_all(fn: Callable[..., Any], samples: Sequence[Sample]) -> list[Any]:
-    """``fn`` on every sample, each run on fresh copies (a model that writes into its input changes nothing)."""
-    with torch.inference_mode():
-        return [fn(*fresh(s)) for s in samples]
 
 
 def measure_latency_ms(fn: Callable[..., Any], sample: Sample, *, min_runs: int = 5, budget_s: float = 0.5) -> float:
@@ -81,44 +82,6 @@ def _dir_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and f.name not in ("report.json", "artifact.json"))
 
 
-class VerifyEach:
-    """Instrument: run the program before and after every pass and hold each pass to its contract."""
-
-    def __init__(self, samples: Sequence[Sample], exact: Tolerance) -> None:
-        self.samples = list(samples)
-        self.exact = exact
-        self._before: list[Any] = []
-        self._done: list[str] = []
-
-    def before_pass(self, inv: PassInvocation, program: Program) -> None:
-        self._before = run_all(program.run, self.samples)
-
-    def after_pass(self, inv: PassInvocation, program: Program, record: PassRecord) -> None:
-        comparison = compare(self._before, run_all(program.run, self.samples))
-        record.data["error"] = comparison.metrics.to_json()
-        if inv.spec.contract == "exact":
-            bad = self.exact.violations(comparison.metrics)
-            if bad:
-                raise VerificationError(
-                    f"--verify-each: pass '{inv.name}' broke its 'exact' contract: {'; '.join(bad)} "
-                    f"(passes before it: [{', '.join(self._done) or 'none'}])"
-                )
-        self._done.append(inv.name)
-
-
-class PrintIR:
-    """Instrument: write the graph after the named passes (or ``all``)."""
-
-    def __init__(self, names: Iterable[str], stream: TextIO) -> None:
-        self.names = set(names)
-        self.stream = stream
-
-    def after_pass(self, inv: PassInvocation, program: Program, record: PassRecord) -> None:
-        if "all" in self.names or inv.name in self.names:
-            self.stream.write(f"// ----- IR after {inv} -----\n{program.graph}\n")
-            self.stream.flush()
-
-
 def default_output_dir(source: Any, target: str) -> Path:
     """``zoo:resnet18`` + ``cpu-fp32`` -> ``resnet18.cpu-fp32`` (in the working directory)."""
     if not isinstance(source, str):
@@ -132,281 +95,341 @@ def default_output_dir(source: Any, target: str) -> Path:
     return Path(f"{name}.{target}")
 
 
-QUANT_PASS = "insert-quant-stubs"
+@dataclass
+class SplitData:
+    calibration: CalibrationData | None
+    samples: list[Sample]  # verification inputs
+    overlap_note: str | None = None
 
 
-class Recovery:
-    """Instrument: the distillation fine-tune (``--recover-steps``), run once, before quantization.
-
-    It runs just before ``insert-quant-stubs`` when the pipeline has it, else after the
-    last pass (:meth:`finish`), so int8 calibration always sees the recovered weights.
-    """
-
-    def __init__(self, teacher: Callable[..., Any], samples: Sequence[Sample], steps: int, lr: float,
-                 progress: Callable[[int, int, float], None] | None = None) -> None:
-        self.teacher, self.samples, self.steps, self.lr, self.progress = teacher, list(samples), steps, lr, progress
-        self.result: Any = None
-
-    def _run(self, program: Program) -> None:
-        from graphopt.recover import recover
-
-        if self.result is None:
-            self.result = recover(program, self.teacher, self.samples, steps=self.steps, lr=self.lr, progress=self.progress)
-
-    def before_pass(self, inv: PassInvocation, program: Program) -> None:
-        if inv.name == QUANT_PASS:
-            self._run(program)
-
-    def finish(self, program: Program) -> None:
-        self._run(program)
-
-
-class SnapshotBefore:
-    """Instrument: a copy of the program just before the named pass (the fp32 reference of quantization)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.program: Program | None = None
-
-    def before_pass(self, inv: PassInvocation, program: Program) -> None:
-        if inv.name == self.name and self.program is None:
-            self.program = program.clone()
-
-
-def _split_data(source: str | Path | None, specs: Sequence[Any], *, calib_n: int, verify_n: int, seed: int,
-                image_size: str | None, normalize: str, needs_calibration: bool) -> tuple[Any, list[Sample], str | None]:
+def _split_data(source: str | Path | None, specs: Sequence[Any], opts: CompileOptions, *, needs_calibration: bool) -> SplitData:
     """Calibration data and verification inputs from one ``--calib-data`` source.
 
-    Verification uses the samples after the first ``calib_n`` when the source has enough
-    (held out from calibration); else the first ``verify_n`` (the report says they overlap).
-    Without a source: random calibration (with its warning) and random verification inputs.
+    Verification uses the samples after the first ``calib_samples`` when the source has
+    enough (held out from calibration); else the first ``verify_samples`` (the report says
+    they overlap). Without a source: random calibration (with its warning) and random
+    verification inputs.
     """
     from graphopt.data import calibration_samples, random_samples
 
+    calib_n, verify_n, seed = opts.calib_samples, opts.verify_samples, opts.seed
     if source is None:
         cal = calibration_samples(specs, source=None, n=calib_n, seed=seed) if needs_calibration else None
-        return cal, random_samples(specs, verify_n, seed + 1 if needs_calibration else seed), None
-    everything = calibration_samples(specs, source=source, n=0, image_size=image_size, normalize=normalize)
+        return SplitData(cal, random_samples(specs, verify_n, seed + 1 if needs_calibration else seed))
+    everything = calibration_samples(specs, source=source, n=0, image_size=opts.calib_size, normalize=opts.calib_normalize)
     samples = everything.samples
     if not samples:
-        from graphopt.errors import DataError
-
         raise DataError(f"--calib-data '{source}' holds no samples")
     cal = type(everything)(samples[:calib_n], f"{everything.source.rsplit(',', 1)[0]}, {min(calib_n, len(samples))} samples")
     if not needs_calibration:
-        return None, samples[:verify_n], None
+        return SplitData(None, samples[:verify_n])
     held_out = samples[calib_n:calib_n + verify_n]
     if len(held_out) >= min(verify_n, 2):
-        return cal, held_out, None
+        return SplitData(cal, held_out)
     note = (f"verification inputs overlap the calibration inputs (--calib-data has {len(samples)} samples, "
             f"{calib_n} used for calibration): accuracy on unseen data is not shown")
-    return cal, samples[:verify_n], note
+    return SplitData(cal, samples[:verify_n], note)
 
 
-def compile(
-    source: Any,
-    *,
-    target: str = "cpu-fp32",
-    example_inputs: tuple[torch.Tensor, ...] | None = None,
-    input_shapes: Sequence[tuple[int, ...]] | None = None,
-    pipeline: str | None = None,
-    output: str | Path | None = None,
-    force: bool = False,
-    verify_each: bool = False,
-    data: str | Path | None = None,
-    verify_samples: int = 8,
-    calib_samples: int = 32,
-    calib_size: str | None = None,
-    calib_normalize: str = "none",
-    keep_fp32: Sequence[str] = (),
-    backend_options: dict[str, Any] | None = None,
-    recover_steps: int = 0,
-    recover_lr: float = 1e-2,
-    seed: int = 0,
-    tolerance: Tolerance | None = None,
-    plugins: Sequence[str] = (),
-    weights: str | Path | None = None,
-    trust_pickle: bool = False,
-    instruments: Iterable[Instrument] = (),
-    print_ir_after: Sequence[str] = (),
-    ir_stream: TextIO | None = None,
-    measure: bool = True,
-    on_stage: Callable[..., None] | None = None,
-) -> CompileResult:
-    """Compile ``source`` (an nn.Module, ``zoo:NAME``, ``pkg.mod:fn``, ``.pt2``, ``.pt``) for ``target``.
+@dataclass
+class CompileOptions:
+    """How to compile: everything :func:`compile` takes besides the source.
 
-    ``data`` (``--calib-data``) is a ``.npy``/``.npz`` file, a folder of images or
-    ``pkg.module:function``: the first ``calib_samples`` calibrate int8 passes and feed
-    ``recover_steps`` of distillation; verification uses the next ``verify_samples``.
-    ``tolerance`` replaces the target precision's default; when it is None and the
-    pipeline has approximate structural passes (pruning, substitution), the end-to-end
-    error is reported with a warning rather than enforced, while the lowering (artifact
-    vs the optimized program) is always held to its bound.
-
-    Raises a :class:`~graphopt.errors.GraphoptError` subclass on bad input, a failed
-    pass or failed verification; nothing is written in that case.
+    Built once, by the CLI from its flags or by Python callers (directly, or from keywords
+    to :func:`compile`). :meth:`validate` (run on construction) checks what the options
+    alone decide; :meth:`plan` checks them against the target and its pipeline. Every
+    error is one :class:`~graphopt.errors.UsageError` line naming the option.
     """
-    from graphopt.capture import capture
 
-    stage = on_stage or (lambda *_a: None)  # stage(name) or stage(name, done, total) for long steps
-    host = host_with(plugins)
-    spec: TargetSpec = host.targets.get(target)
-    spec.check_available()
-    pipe = parse_pipeline(pipeline if pipeline is not None else spec.pipeline, host.passes)
-    for name in print_ir_after:
-        if name != "all" and name not in pipe.names():
-            raise UsageError(f"--print-ir-after '{name}': not in the pipeline; choose from {choices([*pipe.names(), 'all'])}")
-    quant_invs = [inv for inv in pipe if inv.name == QUANT_PASS]
-    if keep_fp32:
-        if not quant_invs:
+    target: str = "cpu-fp32"
+    #: inputs to trace an ``nn.Module`` source with (else ``input_shapes`` or the source's own)
+    example_inputs: tuple[torch.Tensor, ...] | None = None
+    input_shapes: Sequence[tuple[int, ...]] | None = None
+    #: pipeline text; None: the target's default pipeline
+    pipeline: str | None = None
+    #: output folder; None: nothing is written (the artifact is verified in memory)
+    output: str | Path | None = None
+    #: replace ``output`` if it holds a graphopt artifact (and nothing else)
+    force: bool = False
+    verify_each: bool = False
+    #: ``--calib-data``: a .npy/.npz file, a folder of images or ``pkg.module:function``
+    data: str | Path | None = None
+    verify_samples: int = 8
+    calib_samples: int = 32
+    calib_size: str | None = None
+    calib_normalize: str = "none"
+    #: layers kept in fp32 by an int8 pipeline (module paths or node names; ``auto``)
+    keep_fp32: Sequence[str] = ()
+    #: options of the target's backend, by name (its ``options`` table; ``graphopt targets`` lists them)
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
+    recover_steps: int = 0
+    recover_lr: float = 1e-2
+    seed: int = 0
+    #: replaces the target precision's default tolerance (and is then enforced on approximate rewrites too)
+    tolerance: Tolerance | None = None
+    plugins: Sequence[str] = ()
+    weights: str | Path | None = None
+    trust_pickle: bool = False
+    #: extra pass-manager instruments (``before_pass`` / ``after_pass`` hooks)
+    instruments: Sequence[Instrument] = ()
+    print_ir_after: Sequence[str] = ()
+    ir_stream: TextIO | None = None
+    measure: bool = True
+    #: progress: ``on_stage(name)`` or ``on_stage(name, done, total)`` for long steps
+    on_stage: Callable[..., None] | None = None
+
+    def __post_init__(self) -> None:
+        self.keep_fp32 = tuple(_names(self.keep_fp32))
+        self.print_ir_after = tuple(_names(self.print_ir_after))
+        self.plugins = (self.plugins,) if isinstance(self.plugins, str) else tuple(self.plugins or ())
+        self.instruments = tuple(self.instruments or ())
+        if self.backend_options is None:
+            self.backend_options = {}
+        self.validate()
+
+    @classmethod
+    def of(cls, options: CompileOptions | None = None, **overrides: Any) -> CompileOptions:
+        """``options`` with ``overrides`` applied (or new options from them); unknown names list the valid ones."""
+        valid = [f.name for f in fields(cls)]
+        unknown = [k for k in overrides if k not in valid]
+        if unknown:
+            raise UsageError(f"compile(): unknown option(s) {choices(unknown)}; valid: {choices(valid)}")
+        if options is None:
+            return cls(**overrides)
+        if not isinstance(options, cls):
+            raise UsageError(f"compile(): options must be a CompileOptions, got {type(options).__name__}")
+        return replace(options, **overrides)
+
+    def validate(self) -> None:
+        """Check what the options alone decide (the target and pipeline are checked by :meth:`plan`)."""
+        for flag, value, least in (("--verify-samples", self.verify_samples, 1), ("--calib-samples", self.calib_samples, 1),
+                                   ("--recover-steps", self.recover_steps, 0)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UsageError(f"{flag} must be an integer, got {value!r}")
+            if value < least:
+                raise UsageError(f"{flag} must be >= {least}, got {value}")
+        if not isinstance(self.recover_lr, (int, float)) or not 0 < self.recover_lr < math.inf:
+            raise UsageError(f"--recover-lr must be > 0, got {self.recover_lr!r}")
+        if self.calib_normalize not in NORMALIZATIONS:
+            raise UsageError(f"--calib-normalize '{self.calib_normalize}': not one of {choices(NORMALIZATIONS)}")
+        if self.data is not None and not Path(self.data).exists() and not is_callable_source(str(self.data)):
+            raise UsageError(f"--calib-data '{self.data}' does not exist "
+                             "(give a .npy/.npz file, a folder of images or pkg.module:function)")
+        if self.calib_size and self.data is None:
+            raise UsageError("--calib-size resizes the images of a --calib-data folder; give --calib-data too")
+        if self.tolerance is not None and not isinstance(self.tolerance, Tolerance):
+            raise UsageError(f"tolerance must be a graphopt.verify.Tolerance, got {type(self.tolerance).__name__}")
+        if not isinstance(self.backend_options, Mapping):
+            raise UsageError(f"backend_options must map option names to values, got {type(self.backend_options).__name__}")
+
+    def plan(self, host: PluginHost) -> Plan:
+        """The target, its parsed pipeline, tolerance and backend options: checked against each other."""
+        spec = host.targets.get(self.target)
+        spec.check_available()
+        backend_options = spec.backend_options(self.backend_options, list(host.targets))
+        pipe = parse_pipeline(self.pipeline if self.pipeline is not None else spec.pipeline, host.passes)
+        for name in self.print_ir_after:
+            if name != "all" and name not in pipe.names():
+                raise UsageError(f"--print-ir-after '{name}': not in the pipeline; choose from {choices([*pipe.names(), 'all'])}")
+        quant_invs = [inv for inv in pipe if inv.name == QUANT_PASS]
+        if self.keep_fp32 and not quant_invs:
             raise UsageError(f"--keep-fp32 needs a pipeline with '{QUANT_PASS}' (an int8 target); this one is: {pipe}")
+        tolerance = self.tolerance or default_tolerance(spec.precision)
         for inv in quant_invs:
-            inv.options["keep_fp32"] = [*inv.options.get("keep_fp32", []), *keep_fp32]
-    if recover_steps < 0:
-        raise UsageError(f"--recover-steps must be >= 0, got {recover_steps}")
-    if not recover_lr > 0:
-        raise UsageError(f"--recover-lr must be > 0, got {recover_lr}")
-    if calib_samples < 1:
-        raise UsageError(f"--calib-samples must be >= 1, got {calib_samples}")
-    explicit_tolerance = tolerance is not None
-    tol = tolerance or default_tolerance(spec.precision)
-    if "auto" in keep_fp32:  # keep layers in fp32 until the target's own tolerance is met
-        for inv in quant_invs:
-            if tol.min_cosine is not None:
-                inv.options.setdefault("keep_fp32_cosine", tol.min_cosine)
-            if tol.min_top1 is not None:
-                inv.options.setdefault("keep_fp32_top1", tol.min_top1)
-    out_dir = Path(output) if output is not None else None
-    if out_dir is not None and out_dir.exists() and not force:
-        raise UsageError(f"output folder '{out_dir}' already exists; pass --force to replace it")
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"output '{out_dir}' exists and is not a folder")
-    if data is not None and not Path(data).exists() and not is_callable_source(str(data)):
-        raise UsageError(f"--calib-data '{data}' does not exist (give a .npy/.npz file, a folder of images or pkg.module:function)")
+            if self.keep_fp32:
+                inv.options["keep_fp32"] = [*inv.options.get("keep_fp32", []), *self.keep_fp32]
+            if "auto" in self.keep_fp32:  # keep layers in fp32 until the target's own tolerance is met
+                if tolerance.min_cosine is not None:
+                    inv.options.setdefault("keep_fp32_cosine", tolerance.min_cosine)
+                if tolerance.min_top1 is not None:
+                    inv.options.setdefault("keep_fp32_top1", tolerance.min_top1)
+        return Plan(spec, pipe, bool(quant_invs), tolerance, self.tolerance is not None, backend_options)
 
-    stage("capturing")
-    program = capture(source, input_shapes=input_shapes, example_inputs=example_inputs, weights=weights, trust_pickle=trust_pickle)
-    original = program.clone()
-    needs_calibration = bool(quant_invs) or recover_steps > 0
-    stage("loading data")
-    cal, samples, overlap_note = _split_data(data, program.input_specs, calib_n=calib_samples, verify_n=verify_samples,
-                                             seed=seed, image_size=calib_size, normalize=calib_normalize,
-                                             needs_calibration=needs_calibration)
-    if cal is not None:
-        program.calibration = list(cal.samples)
+
+def _names(values: str | Iterable[str] | None) -> list[str]:
+    """Names given as one comma-separated string or as a sequence of them."""
+    values = [values] if isinstance(values, str) else list(values or ())
+    return [n.strip() for v in values for n in str(v).split(",") if n.strip()]
+
+
+@dataclass
+class Plan:
+    """What :meth:`CompileOptions.plan` resolved: the target, its pipeline, the tolerance, the backend's options."""
+
+    spec: TargetSpec
+    pipeline: Pipeline
+    quantizes: bool
+    tolerance: Tolerance
+    explicit_tolerance: bool
+    backend_options: dict[str, Any]
+
+
+def compile(source: Any, options: CompileOptions | None = None, /, **overrides: Any) -> CompileResult:
+    """Compile ``source`` (an nn.Module, ``zoo:NAME``, ``pkg.mod:fn``, ``.pt2``, ``.pt``) for a target.
+
+    ``options`` is a :class:`CompileOptions`; keywords build one (``compile(model,
+    target="cpu-int8", data="calib.npz")``) or override fields of the one given. Steps:
+    capture, split the data, run the passes, lower, stage (save and load back), verify,
+    measure, rename into place. Raises a :class:`~graphopt.errors.GraphoptError` subclass
+    on bad input, a failed pass or failed verification; nothing is written in that case.
+    """
+    opts = CompileOptions.of(options, **overrides)
+    host = host_with(opts.plugins)
+    plan = opts.plan(host)
+    stage = opts.on_stage or (lambda *_a: None)
+    with Output(opts.output, force=opts.force, inputs=_input_paths(source, opts)) as out:
+        stage("capturing")
+        program = capture(source, input_shapes=opts.input_shapes, example_inputs=opts.example_inputs,
+                          weights=opts.weights, trust_pickle=opts.trust_pickle)
+        original = program.clone()
+        stage("loading data")
+        data = _split_data(opts.data, program.input_specs, opts, needs_calibration=plan.quantizes or opts.recover_steps > 0)
+        references = run_all(original.run, data.samples)
+        check_finite(references)  # a NaN from the original is the model's, not a pass's or the lowering's
+        stage("running passes")
+        passes = _run_passes(program, original, data, plan, opts, stage)
+        stage(f"lowering to {plan.spec.name}")
+        artifact = _lower(program, plan)
+        report = _new_report(source, program, plan, data, passes)
+        artifact = _stage(artifact, out, host, stage)
+        stage("verifying")
+        violations = _verify(report, passes.fp32_reference or original, program, artifact, data.samples, references, plan,
+                             passes.records)
+        _measure_size(report, original, program, out.staging)
+        if violations:
+            raise VerificationError(f"verification failed for {plan.spec.name}: {violations} "
+                                    f"(over {len(data.samples)} inputs); nothing was written", report)
+        if opts.measure:
+            stage("measuring latency")
+            _measure_latency(report, original, artifact, data.samples[0])
+        if program.meta.get("training_mode_was"):
+            report.warnings.append("the model was in training mode; graphopt compiled it in eval mode")
+        if out.staging is not None:
+            report.write(out.staging / REPORT)
+        out.commit()
+    return CompileResult(artifact, report, program, out.path)
+
+
+def _input_paths(source: Any, opts: CompileOptions) -> list[Path]:
+    """The files a compile reads (source, data, weights, plugins): ``--force`` never replaces a folder holding one."""
+    paths = [Path(p) for p in (source, opts.data, opts.weights, *opts.plugins)
+             if isinstance(p, (str, Path)) and Path(p).exists()]
+    if isinstance(source, str) and is_callable_source(source):
+        try:
+            found = importlib.util.find_spec(source.split(":")[0])
+        except (ImportError, ValueError):
+            found = None
+        if found is not None and found.origin and Path(found.origin).exists():
+            paths.append(Path(found.origin))
+    return paths
+
+
+@dataclass
+class _Passes:
+    records: list[PassRecord]
+    recovery: Recovery | None
+    fp32_reference: Program | None  # the program just before quantization
+
+
+def _run_passes(program: Program, original: Program, data: SplitData, plan: Plan, opts: CompileOptions,
+                stage: Callable[..., None]) -> _Passes:
+    """The pipeline with its instruments: recovery, the snapshot before quantization, the user's, --verify-each, IR dumps."""
+    if data.calibration is not None:
+        program.calibration = list(data.calibration.samples)
         program.meta["calibration_progress"] = lambda done, total: stage("calibrating", done, total)
-    references = run_all(original.run, samples)
-    check_finite(references)  # a NaN from the original is the model's, not a pass's or the lowering's
-
-    all_instruments: list[Instrument] = []
-    recovery: Recovery | None = None
-    if recover_steps > 0:
-        recovery = Recovery(original.run, program.calibration, recover_steps, recover_lr,
+    instruments: list[Instrument] = []
+    recovery = None
+    if opts.recover_steps > 0:
+        recovery = Recovery(original.run, program.calibration, opts.recover_steps, opts.recover_lr,
                             lambda done, total, loss: stage(f"recovering (loss {loss:.4g})", done, total))
-        all_instruments.append(recovery)
+        instruments.append(recovery)
     before_quant = SnapshotBefore(QUANT_PASS)
-    if quant_invs:
-        all_instruments.append(before_quant)
-    all_instruments += list(instruments)
-    if verify_each:
-        all_instruments.append(VerifyEach(samples[:2], default_tolerance("fp32")))
-    if print_ir_after:
-        import sys
-
-        all_instruments.append(PrintIR(print_ir_after, ir_stream or sys.stderr))
-    stage("running passes")
-    records = PassManager(pipe, all_instruments).run(program)
+    if plan.quantizes:
+        instruments.append(before_quant)
+    instruments += opts.instruments
+    if opts.verify_each:
+        instruments.append(VerifyEach(data.samples[:2], default_tolerance("fp32")))
+    if opts.print_ir_after:
+        instruments.append(PrintIR(opts.print_ir_after, opts.ir_stream or sys.stderr))
+    records = PassManager(plan.pipeline, instruments).run(program)
     if recovery is not None:
         recovery.finish(program)
     program.meta.pop("calibration_progress", None)
+    return _Passes(records, recovery, before_quant.program)
 
-    if backend_options:
-        program.meta["backend_options"] = dict(backend_options)
-    stage(f"lowering to {spec.name}")
-    artifact = spec.backend.lower(program, spec)
-    report = Report(source=program.meta.get("source", str(source)), target=spec.name, pipeline=str(pipe), passes=records)
+
+def _lower(program: Program, plan: Plan) -> Artifact:
+    if plan.backend_options:
+        program.meta["backend_options"] = dict(plan.backend_options)
+    return plan.spec.backend.lower(program, plan.spec)
+
+
+def _new_report(source: Any, program: Program, plan: Plan, data: SplitData, passes: _Passes) -> Report:
+    """The report before verification: passes, where the data came from, recovery, quantization."""
+    report = Report(source=program.meta.get("source", str(source)), target=plan.spec.name, pipeline=str(plan.pipeline),
+                    passes=passes.records)
+    cal = data.calibration
     if cal is not None:
         report.extra["calibration"] = {"source": cal.source, "samples": len(cal.samples)}
-        if cal.warning and quant_invs:
+        if cal.warning and plan.quantizes:
             report.warnings.append(cal.warning)
         elif cal.warning:
             report.warnings.append(
                 "RECOVERY USED RANDOM DATA: the distillation matched the original on N(0,1) noise, not on real "
                 "inputs; pass --calib-data (a .npy/.npz file, a folder of images or pkg.module:function)"
             )
-    if overlap_note:
-        report.warnings.append(overlap_note)
-    if recovery is not None and recovery.result is not None:
-        report.extra["recovery"] = recovery.result.to_json()
+    if data.overlap_note:
+        report.warnings.append(data.overlap_note)
+    if passes.recovery is not None and passes.recovery.result is not None:
+        report.extra["recovery"] = passes.recovery.result.to_json()
     if "quant" in program.meta:
         report.extra["quantization"] = program.meta["quant"].to_json()
+    return report
 
-    staging: Path | None = None
-    try:
-        if out_dir is not None:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-            stage("saving")
-            artifact.save(staging)
-            artifact = load_artifact(staging, host=host)
 
-        stage("verifying")
-        fp32_reference = before_quant.program or original
-        violations = _verify(report, fp32_reference, program, artifact, samples, references, spec, tol,
-                             explicit_tolerance, records)
+def _stage(artifact: Artifact, out: Output, host: PluginHost, stage: Callable[..., None]) -> Artifact:
+    """Save into the staging folder and load it back: the artifact verified is the one on disk."""
+    if out.staging is None:
+        return artifact
+    stage("saving")
+    artifact.save(out.staging)
+    return load_artifact(out.staging, host=host)
 
-        from graphopt.cost import count_macs
 
-        program.propagate_shapes()
-        report.macs = {"original": count_macs(original.graph_module), "compiled": count_macs(program.graph_module)}
-        report.size_bytes = {
-            "original": _state_bytes(original.graph_module),
-            "compiled": _dir_bytes(staging) if staging is not None else _state_bytes(program.graph_module),
-        }
-        if violations:
-            raise VerificationError(f"verification failed for {spec.name}: {violations} (over {len(samples)} inputs); nothing was written", report)
-        if measure:
-            stage("measuring latency")
-            report.latency_ms = {
-                "original": measure_latency_ms(original.run, samples[0]),
-                "compiled": measure_latency_ms(artifact.run, samples[0]),
-            }
-            o, c = report.latency_ms["original"], report.latency_ms["compiled"]
-            if o and c and c > o * 1.05:
-                report.warnings.append(
-                    f"the compiled model is SLOWER than the original on this machine: {c:.2f} ms vs {o:.2f} ms (p50)"
-                )
-        if program.meta.get("training_mode_was"):
-            report.warnings.append("the model was in training mode; graphopt compiled it in eval mode")
+def _measure_size(report: Report, original: Program, program: Program, staging: Path | None) -> None:
+    from graphopt.cost import count_macs
 
-        if staging is not None and out_dir is not None:
-            report.write(staging / "report.json")
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            staging.rename(out_dir)
-            staging = None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    return CompileResult(artifact, report, program, out_dir)
+    program.propagate_shapes()
+    report.macs = {"original": count_macs(original.graph_module), "compiled": count_macs(program.graph_module)}
+    report.size_bytes = {
+        "original": _state_bytes(original.graph_module),
+        "compiled": _dir_bytes(staging) if staging is not None else _state_bytes(program.graph_module),
+    }
 
+
+def _measure_latency(report: Report, original: Program, artifact: Artifact, sample: Sample) -> None:
+    report.latency_ms = {"original": measure_latency_ms(original.run, sample),
+                         "compiled": measure_latency_ms(artifact.run, sample)}
+    o, c = report.latency_ms["original"], report.latency_ms["compiled"]
+    if o and c and c > o * 1.05:
+        report.warnings.append(f"the compiled model is SLOWER than the original on this machine: {c:.2f} ms vs {o:.2f} ms (p50)")
 
 def _verify(report: Report, fp32_reference: Program, program: Program, artifact: Artifact,
-            samples: Sequence[Sample], references: Sequence[Any], spec: TargetSpec, tol: Tolerance, explicit: bool,
-            records: Sequence[PassRecord]) -> str:
+            samples: Sequence[Sample], references: Sequence[Any], plan: Plan, records: Sequence[PassRecord]) -> str:
     """Fill ``report.verification`` (artifact vs original) and the lowering check; return what failed.
 
     ``fp32_reference`` is the program just before quantization (the original when no
     rewrite precedes it): the quantization error is measured against it, so pruning's
     error is not blamed on int8.
     """
+    spec, tol = plan.spec, plan.tolerance
     outputs = run_all(artifact.run, samples)
     comparison = compare(references, outputs)
     end_to_end = tol.violations(comparison.metrics)
     report.verification = Verification(not end_to_end, comparison.metrics, tol, len(samples), end_to_end, comparison)
     structural = [r.name for r in records if r.contract == "approximate" and r.name != QUANT_PASS and r.changed]
     failures: list[str] = []
-    if end_to_end and structural and not explicit:
+    if end_to_end and structural and not plan.explicit_tolerance:
         # The user asked for a rewrite that changes numerics and gave no bound: report, don't fail.
         report.verification.passed = True
         report.warnings.append(

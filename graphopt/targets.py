@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -19,9 +21,14 @@ from graphopt.errors import ArtifactError, BackendUnavailableError, UsageError, 
 from graphopt.program import MAX_INPUT_BYTES, InputSpec, Program, input_bytes, size_text
 from graphopt.registry import Registry
 
+if TYPE_CHECKING:
+    from torch.fx import GraphModule
+
 __all__ = [
     "Artifact",
     "Backend",
+    "BackendOption",
+    "options_of",
     "TargetSpec",
     "TargetRegistry",
     "register_target",
@@ -34,11 +41,34 @@ ARTIFACT_FORMAT = "graphopt-artifact/1"
 
 
 class Artifact(ABC):
-    """A lowered model: callable, saveable, loadable again by its backend."""
+    """A lowered model: callable, saveable, loadable again by its backend.
+
+    A backend sets ``target``, ``precision`` and ``input_specs``. The three attributes
+    after them are optional: the defaults say "not known", and an int8 backend that can
+    tell more overrides them (plain attributes or properties) so that
+    :func:`graphopt.quant.verify_int8` holds it to a tighter check.
+    """
 
     target: str
     precision: str
     input_specs: list[InputSpec]
+
+    #: True when the simulated-int8 program this artifact was lowered from computes what
+    #: its kernels compute, bit for bit (the backend modelled every quantized op's
+    #: arithmetic): the compile then also holds the end-to-end outputs to 2 quantization
+    #: steps, not only each op. False: only the per-op check gates (where ``points`` exist).
+    exact_simulation: bool = False
+
+    #: An fx graph that runs the artifact with intermediate quantized values exposed (the
+    #: lowered graph itself for cpu-int8, a probe around the session for ONNX Runtime);
+    #: None when the backend cannot expose them. Used with :attr:`points`.
+    graph_module: GraphModule | None = None
+
+    #: Simulated quantizer node name -> the node of :attr:`graph_module` that holds the
+    #: same quantized value. With both set, every quantized op is checked against its own
+    #: output steps, fed the artifact's own inputs (``check_lowering_local``). Empty: only
+    #: the end-to-end check applies.
+    points: Mapping[str, str] = MappingProxyType({})
 
     @abstractmethod
     def run(self, *inputs: torch.Tensor) -> Any:
@@ -49,7 +79,11 @@ class Artifact(ABC):
 
     @abstractmethod
     def save_files(self, directory: Path) -> dict[str, Any]:
-        """Write the backend's files into ``directory``; return extra manifest fields."""
+        """Write the backend's files into ``directory``; return extra manifest fields.
+
+        Name every file or folder written in ``"files"`` (the manifest's list): ``--force``
+        replaces a folder only when it holds nothing else.
+        """
 
     def save(self, directory: str | Path) -> Path:
         """Write the artifact and its manifest (``artifact.json``) into ``directory``."""
@@ -67,8 +101,50 @@ class Artifact(ABC):
         return directory
 
 
+@dataclass(frozen=True)
+class BackendOption:
+    """An option a backend takes: ``--NAME VALUE`` on the command line, ``backend_options={NAME: VALUE}`` in Python.
+
+    ``choices`` (a closed set of strings) or ``type`` (``str``, ``int`` or ``float``) says
+    what is valid; ``default`` None means the backend decides (say how in ``help``).
+    """
+
+    name: str
+    help: str
+    type: type = str
+    choices: tuple[str, ...] = ()
+    default: Any = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def type_text(self) -> str:
+        return "|".join(self.choices) if self.choices else self.type.__name__
+
+    def convert(self, value: Any, target: str) -> Any:
+        """``value`` (text from the command line, or a Python value) checked and converted; UsageError if invalid."""
+        if self.choices:
+            if value not in self.choices:
+                raise UsageError(f"{self.flag} {value!r} for target '{target}': not one of {choices(self.choices)}")
+            return value
+        if isinstance(value, str) and self.type is not str:
+            try:
+                value = self.type(value)
+            except ValueError:
+                raise UsageError(f"{self.flag} {value!r} for target '{target}': expected {self.type.__name__}") from None
+        if not isinstance(value, self.type) or isinstance(value, bool):
+            raise UsageError(f"{self.flag} {value!r} for target '{target}': expected {self.type.__name__}")
+        return value
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "flag": self.flag, "type": self.type_text(), "default": self.default, "help": self.help}
+
+
 class Backend(Protocol):
     name: str
+    #: the options this backend takes (``BackendOption``); a backend without the attribute takes none
+    options: Sequence[BackendOption]
 
     def unavailable_reason(self) -> str | None:
         """None when this machine can run the backend, else why not (one line)."""
@@ -93,6 +169,27 @@ class TargetSpec:
         reason = self.backend.unavailable_reason()
         if reason:
             raise BackendUnavailableError(f"target '{self.name}' cannot run here: {reason}")
+
+    def backend_options(self, given: Mapping[str, Any], registry: Sequence["TargetSpec"] = ()) -> dict[str, Any]:
+        """``given`` checked against the options this target's backend declares, converted.
+
+        An option it does not declare is a UsageError naming its valid options (and, from
+        ``registry``, the targets that do take it).
+        """
+        declared = {o.name: o for o in options_of(self.backend)}
+        for name in given:
+            if name not in declared:
+                flag = BackendOption(name, "").flag
+                takers = [t.name for t in registry if any(o.name == name for o in options_of(t.backend))]
+                where = f"; targets that take it: {', '.join(takers)}" if takers else ""
+                valid = ", ".join(o.flag for o in declared.values()) or "none"
+                raise UsageError(f"{flag} does not apply to target '{self.name}' (its options: {valid}){where}")
+        return {name: declared[name].convert(value, self.name) for name, value in given.items() if value is not None}
+
+
+def options_of(backend: Backend) -> tuple[BackendOption, ...]:
+    """The options a backend declares (none when it has no ``options`` attribute)."""
+    return tuple(getattr(backend, "options", ()))
 
 
 def register_target(name: str, *, backend: Backend, precision: str, pipeline: str, doc: str) -> TargetSpec:

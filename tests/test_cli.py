@@ -267,3 +267,184 @@ def test_profile_lists_every_conv_with_macs_that_add_up(work):
     assert sum(row["macs"] for row in profile["nodes"]) == profile["total_macs"] == count_macs(program.graph_module)
     times = [row["ms"] for row in profile["nodes"]]
     assert times == sorted(times, reverse=True) and all(t > 0 for t in times)
+
+
+# ---------------------------------------------------------------------------------------
+# Backend options: declared by the backend, shown by `graphopt targets`
+
+TOY_BACKEND_PLUGIN = textwrap.dedent(
+    '''
+    from graphopt.backends.cpu_fp32 import TorchEagerBackend
+    from graphopt.targets import BackendOption, register_target
+
+
+    class ToyBackend(TorchEagerBackend):
+        name = "toy"
+        options = (BackendOption("toy_level", "how much toy", type=int, default=1),)
+
+        def lower(self, program, target):
+            artifact = super().lower(program, target)
+            level = (program.meta.get("backend_options") or {}).get("toy_level", 1)
+            save_files = artifact.save_files
+            artifact.save_files = lambda directory: {**save_files(directory), "toy_level": level}
+            return artifact
+
+
+    toy = register_target("toy-fp32", backend=ToyBackend(), precision="fp32", pipeline="dce", doc="a toy")
+    '''
+)
+
+
+def test_targets_show_each_backends_own_options(work):
+    rows = {r["name"]: r for r in json.loads(graphopt("targets", "--json", cwd=work).stdout)}
+    assert rows["cpu-fp32"]["options"] == []
+    (engine,) = rows["cpu-int8"]["options"]
+    assert engine["flag"] == "--engine" and engine["type"] == "x86|fbgemm|onednn" and engine["default"] is None
+    assert [o["name"] for o in rows["ort-int8"]["options"]] == ["threads"] and rows["ort-int8"]["options"][0]["type"] == "int"
+    table = graphopt("targets", cwd=work).stdout
+    assert "--engine" in table and "--threads" in table
+
+    (work / "toy.py").write_text(TOY_BACKEND_PLUGIN)
+    rows = {r["name"]: r for r in json.loads(graphopt("targets", "--plugin", "toy.py", "--json", cwd=work).stdout)}
+    assert rows["toy-fp32"]["options"] == [{"name": "toy_level", "flag": "--toy-level", "type": "int", "default": 1,
+                                            "help": "how much toy"}]
+
+
+def test_a_plugin_backends_option_reaches_its_backend(work):
+    (work / "toy.py").write_text(TOY_BACKEND_PLUGIN)
+    ok = graphopt("compile", "zoo:digits_cnn", "--plugin", "toy.py", "-t", "toy-fp32", "--toy-level", "3", "--no-latency", "-q",
+                  "-o", "out", cwd=work)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((work / "out" / "artifact.json").read_text())["toy_level"] == 3
+    assert_fails(graphopt("compile", "zoo:digits_cnn", "--plugin", "toy.py", "-t", "toy-fp32", "--toy-level", "lots", "-o", "o2",
+                          cwd=work), 2, "--toy-level 'lots' for target 'toy-fp32': expected int")
+    assert_fails(graphopt("compile", "zoo:digits_cnn", "--plugin", "toy.py", "--toy-level", "3", "-o", "o2", cwd=work),
+                 2, "--toy-level does not apply to target 'cpu-fp32'", "targets that take it: toy-fp32")
+    assert_fails(graphopt("compile", "zoo:digits_cnn", "-t", "cpu-int8", "--engine", "arm", "-o", "o2", cwd=work),
+                 2, "--engine 'arm'", "'fbgemm', 'onednn', 'x86'")
+    assert not (work / "o2").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Data safety: --force replaces only an artifact, atomically; nothing is left behind
+
+
+def _compile_tiny(work: Path, out: str, *extra: str, source: str = "mymodels:tiny") -> subprocess.CompletedProcess[str]:
+    return graphopt("compile", source, "--input-shape", "1x3x16x16", "--no-latency", "-q", "-o", out, *extra, cwd=work)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("out, phrase", [
+    (".", "it is the working folder or one of its parents"),
+    ("..", "it is the working folder or one of its parents"),
+    ("keep", "it is not a graphopt artifact (no readable artifact.json)"),
+])
+def test_force_never_replaces_the_working_folder_or_a_foreign_folder(work, out, phrase):
+    (work / "keep").mkdir()
+    (work / "keep" / "notes.txt").write_text("mine")
+    before = _tree(work)
+    assert_fails(_compile_tiny(work, out, "--force"), 2, f"--force will not replace '{out}'", phrase)
+    assert _tree(work) == before
+    assert not any(".tmp-" in p.name for p in work.rglob("*"))
+
+
+def test_force_never_replaces_a_folder_holding_an_input_or_foreign_files(work):
+    assert _compile_tiny(work, "models").returncode == 0
+    script = "import torch, mymodels; torch.save(mymodels.tiny().state_dict(), 'models/w.pt')"
+    subprocess.run([sys.executable, "-c", script], cwd=work, check=True)
+    before = _tree(work)
+    # models/ is an artifact, but it holds the weights this compile reads (w.pt is foreign too: the input check comes first)
+    result = graphopt("compile", "--model", "mymodels:tiny", "--weights", "models/w.pt", "--input-shape", "1x3x16x16",
+                      "-o", "models", "--force", cwd=work)
+    assert_fails(result, 2, "--force will not replace 'models'", "it holds the input 'models/w.pt'")
+    (work / "data").mkdir()
+    np.save(work / "data" / "calib.npy", np.random.default_rng(0).standard_normal((8, 1, 3, 16, 16)).astype("float32"))
+    result = _compile_tiny(work, "data", "--calib-data", "data/calib.npy", "--force")
+    assert_fails(result, 2, "it holds the input 'data/calib.npy'")
+    # the source module itself (pkg.module:factory) is an input too
+    (work / "pkg").mkdir()
+    (work / "pkg" / "artifact.json").write_text("{}")
+    (work / "pkg" / "nets.py").write_text(MODELS_PY)
+    assert_fails(_compile_tiny(work, "pkg", "--force", source="pkg.nets:tiny"), 2, "it holds the input", "nets.py")
+    assert _tree(work / "models") == {k[len("models/"):]: v for k, v in before.items() if k.startswith("models/")}
+    # an artifact with something foreign beside it
+    before = _tree(work)
+    assert_fails(_compile_tiny(work, "models", "--force"), 2, "besides the artifact it holds 'w.pt'")
+    assert _tree(work) == before
+
+
+def test_force_replaces_an_artifact_atomically(work):
+    assert _compile_tiny(work, "out").returncode == 0
+    assert json.loads((work / "out" / "artifact.json").read_text())["target"] == "cpu-fp32"
+    result = _compile_tiny(work, "out", "--force", "-t", "cpu-int8", "--calib-samples", "4")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((work / "out" / "artifact.json").read_text())["target"] == "cpu-int8"
+    assert not (work / "out" / "model.pt2").exists()  # the old artifact's files went with it
+    assert sorted(p.name for p in work.iterdir()) == ["mymodels.py", "out"]  # nothing aside, nothing staged
+
+
+def test_a_failed_compile_removes_the_parent_folders_it_created(work):
+    (work / "a").mkdir()
+    assert_fails(graphopt("compile", "zoo:nope", "-o", "a/b/c/out", cwd=work), 2, "nope")
+    assert sorted(p.name for p in work.iterdir()) == ["a", "mymodels.py"] and not any((work / "a").iterdir())
+    ok = _compile_tiny(work, "x/y/out")
+    assert ok.returncode == 0, ok.stderr
+    assert (work / "x" / "y" / "out" / "artifact.json").is_file()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_folders_honour_the_umask(work, umask):
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "graphopt.cli", "compile", "mymodels:tiny", "--input-shape", "1x3x16x16",
+                             "--no-latency", "-q", "-o", "new/out"], cwd=work, capture_output=True, text=True, timeout=600,
+                            preexec_fn=lambda: os.umask(umask))
+    assert result.returncode == 0, result.stderr
+    for folder in (work / "new", work / "new" / "out"):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (work / "new" / "out" / "artifact.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("out, phrase", [("/proc/x", "cannot create a folder in '/proc'"),
+                                         ("/dev/null/x", "'/dev/null' is not a folder")])
+def test_an_impossible_output_folder_is_a_usage_error(work, out, phrase):
+    assert_fails(graphopt("compile", "zoo:digits_cnn", "-o", out, cwd=work), 2, f"output '{out}'", phrase)
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129), ("SIGINT", 130)])
+def test_a_signal_during_compile_leaves_nothing(work, signame, code):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "graphopt.cli", "compile", "zoo:resnet18", "-o", "sub/out"], cwd=work,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(work.glob("sub/.out.tmp-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the compile ended before its staging folder appeared"
+        time.sleep(0.01)
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert sorted(p.name for p in work.iterdir()) == ["mymodels.py"], err  # no staging folder, no sub/
+
+
+def test_stale_staging_folders_of_dead_processes_are_removed(work):
+    import os
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name in (f".out.tmp-{dead.pid}-0badf00d", f".other.tmp-{dead.pid}-12345678", f".out.tmp-{os.getpid()}-0badf00d"):
+        (work / name).mkdir()
+        (work / name / "weights.pt").write_bytes(b"x" * 100)
+    (work / ".out.tmp-notapid").mkdir()  # not graphopt's naming: left alone
+    # an old artifact a dead process had renamed aside, with no artifact in its place: put back
+    (work / f".prev.old-{dead.pid}-00c0ffee").mkdir()
+    (work / f".prev.old-{dead.pid}-00c0ffee" / "artifact.json").write_text("{}")
+    result = _compile_tiny(work, "out")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in work.iterdir()) == sorted(
+        [".out.tmp-notapid", f".out.tmp-{os.getpid()}-0badf00d", "mymodels.py", "out", "prev"])
+    assert (work / "prev" / "artifact.json").read_text() == "{}"

@@ -140,3 +140,73 @@ def test_recovery_on_random_data_says_so():
     assert any(w.startswith("RECOVERY USED RANDOM DATA") for w in result.report.warnings)
     assert not any("int8 ranges" in w for w in result.report.warnings)  # no quantization in this pipeline
     assert result.report.extra["recovery"]["steps"] == 5
+
+
+# ---------------------------------------------------------------------------------------
+# CompileOptions: built once, validated in one place, one line per error
+
+
+def test_unknown_keyword_lists_the_valid_options():
+    with pytest.raises(UsageError) as info:
+        graphopt.compile("zoo:digits_cnn", targte="cpu-int8")
+    message = str(info.value)
+    assert "unknown option(s) 'targte'" in message and "'target'" in message and "'calib_samples'" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("overrides, phrase", [
+    ({"calib_samples": 0}, "--calib-samples must be >= 1, got 0"),
+    ({"verify_samples": 0}, "--verify-samples must be >= 1, got 0"),
+    ({"verify_samples": 2.5}, "--verify-samples must be an integer, got 2.5"),
+    ({"recover_steps": -1}, "--recover-steps must be >= 0, got -1"),
+    ({"recover_lr": 0.0}, "--recover-lr must be > 0, got 0.0"),
+    ({"recover_lr": float("nan")}, "--recover-lr must be > 0, got nan"),
+    ({"calib_normalize": "imagenette"}, "--calib-normalize 'imagenette': not one of 'imagenet', 'none', 'unit'"),
+    ({"data": "no/such.npy"}, "--calib-data 'no/such.npy' does not exist"),
+    ({"tolerance": 0.99}, "tolerance must be a graphopt.verify.Tolerance, got float"),
+])
+def test_options_are_checked_on_construction(overrides, phrase):
+    with pytest.raises(UsageError) as info:
+        graphopt.CompileOptions(**overrides)
+    assert phrase in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides, phrases", [
+    ({"print_ir_after": ["fold"]}, ["--print-ir-after 'fold'", "'dce'", "'all'"]),
+    ({"keep_fp32": "auto"}, ["--keep-fp32 needs a pipeline with 'insert-quant-stubs'"]),
+    ({"backend_options": {"engine": "x86"}}, ["--engine does not apply to target 'cpu-fp32' (its options: none)",
+                                              "targets that take it: cpu-int8"]),
+    ({"target": "cpu-int8", "backend_options": {"engine": "arm"}}, ["--engine 'arm' for target 'cpu-int8'",
+                                                                    "not one of 'fbgemm', 'onednn', 'x86'"]),
+    ({"target": "cpu-int8", "backend_options": {"threads": 2}}, ["--threads does not apply to target 'cpu-int8'",
+                                                                 "its options: --engine", "ort-fp32, ort-int8"]),
+    ({"target": "ort-fp32", "backend_options": {"threads": "two"}}, ["--threads 'two' for target 'ort-fp32': expected int"]),
+])
+def test_options_are_checked_against_the_target_before_capture(overrides, phrases, monkeypatch):
+    import graphopt.compiler
+
+    def no_capture(*a, **k):
+        raise AssertionError("capture ran before the options were checked")
+
+    monkeypatch.setattr(graphopt.compiler, "capture", no_capture)
+    with pytest.raises(UsageError) as info:
+        graphopt.compile("zoo:digits_cnn", **overrides)
+    assert "\n" not in str(info.value)
+    for phrase in phrases:
+        assert phrase in str(info.value)
+
+
+def test_options_object_with_keyword_overrides_and_names_as_text(tmp_path):
+    from graphopt.compiler import CompileOptions
+
+    options = CompileOptions(target="cpu-int8", calib_samples=4, verify_samples=2, measure=False,
+                             backend_options={"engine": "fbgemm"}, keep_fp32="features.0.0, head.2")
+    assert options.keep_fp32 == ("features.0.0", "head.2")  # comma-separated text, as on the command line
+    result = graphopt.compile("zoo:digits_cnn", options, output=tmp_path / "out")
+    assert options.output is None  # the overrides made a new options object
+    manifest = json.loads((tmp_path / "out" / "artifact.json").read_text())
+    assert manifest["engine"] == "fbgemm" and result.artifact.engine == "fbgemm"
+    kept = {k["layer"] for k in result.report.extra["quantization"]["kept_fp32"]}
+    assert kept == {"features.0.0", "head.2"}
+    with pytest.raises(UsageError, match="options must be a CompileOptions, got dict"):
+        graphopt.compile("zoo:digits_cnn", {"target": "cpu-int8"})

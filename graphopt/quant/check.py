@@ -193,7 +193,7 @@ def verify_int8(
     sims = _run(simulated.run, samples)
     quant, low = compare(refs, sims), compare(sims, arts)
     end_to_end = check_lowering(simulated, artifact.run, samples, steps=steps, outputs=(sims, arts))
-    exact = bool(getattr(artifact, "exact_simulation", False))
+    exact = artifact.exact_simulation
     result: dict[str, Any] = {
         "quantization_error": quant.metrics.to_json(),
         "lowering_error": low.metrics.to_json(),
@@ -201,7 +201,7 @@ def verify_int8(
         "exact_simulation": exact,
         "violations": [],
     }
-    gm, points = getattr(artifact, "graph_module", None), getattr(artifact, "points", None)
+    gm, points = artifact.graph_module, artifact.points  # declared on Artifact
     violations: list[str] = []
     if isinstance(gm, GraphModule) and points:
         local = check_lowering_local(simulated, gm, points, samples[:2], steps=steps)

@@ -1,0 +1,107 @@
+"""The compiler's pass-manager instruments (hooks ``before_pass`` / ``after_pass``).
+
+``VerifyEach`` holds every pass to its contract, ``PrintIR`` dumps graphs, ``Recovery``
+runs the distillation fine-tune before quantization and ``SnapshotBefore`` keeps the
+program as it was before a named pass. Users add their own through
+``CompileOptions.instruments``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TextIO
+
+import torch
+
+from graphopt.data import Sample, fresh
+from graphopt.errors import VerificationError
+from graphopt.pipeline import PassInvocation, PassRecord
+from graphopt.program import Program
+from graphopt.verify import Tolerance, compare
+
+__all__ = ["QUANT_PASS", "VerifyEach", "PrintIR", "Recovery", "SnapshotBefore", "run_all"]
+
+#: the pass that turns a program into simulated int8 (recovery runs before it; its input is the fp32 reference)
+QUANT_PASS = "insert-quant-stubs"
+
+
+def run_all(fn: Callable[..., Any], samples: Sequence[Sample]) -> list[Any]:
+    """``fn`` on every sample, without autograd, each run on fresh copies (a model that writes into its input changes nothing)."""
+    with torch.inference_mode():
+        return [fn(*fresh(s)) for s in samples]
+
+
+class VerifyEach:
+    """Instrument: run the program before and after every pass and hold each pass to its contract."""
+
+    def __init__(self, samples: Sequence[Sample], exact: Tolerance) -> None:
+        self.samples = list(samples)
+        self.exact = exact
+        self._before: list[Any] = []
+        self._done: list[str] = []
+
+    def before_pass(self, inv: PassInvocation, program: Program) -> None:
+        self._before = run_all(program.run, self.samples)
+
+    def after_pass(self, inv: PassInvocation, program: Program, record: PassRecord) -> None:
+        comparison = compare(self._before, run_all(program.run, self.samples))
+        record.data["error"] = comparison.metrics.to_json()
+        if inv.spec.contract == "exact":
+            bad = self.exact.violations(comparison.metrics)
+            if bad:
+                raise VerificationError(
+                    f"--verify-each: pass '{inv.name}' broke its 'exact' contract: {'; '.join(bad)} "
+                    f"(passes before it: [{', '.join(self._done) or 'none'}])"
+                )
+        self._done.append(inv.name)
+
+
+class PrintIR:
+    """Instrument: write the graph after the named passes (or ``all``)."""
+
+    def __init__(self, names: Iterable[str], stream: TextIO) -> None:
+        self.names = set(names)
+        self.stream = stream
+
+    def after_pass(self, inv: PassInvocation, program: Program, record: PassRecord) -> None:
+        if "all" in self.names or inv.name in self.names:
+            self.stream.write(f"// ----- IR after {inv} -----\n{program.graph}\n")
+            self.stream.flush()
+
+
+class Recovery:
+    """Instrument: the distillation fine-tune (``--recover-steps``), run once, before quantization.
+
+    It runs just before ``insert-quant-stubs`` when the pipeline has it, else after the
+    last pass (:meth:`finish`), so int8 calibration always sees the recovered weights.
+    """
+
+    def __init__(self, teacher: Callable[..., Any], samples: Sequence[Sample], steps: int, lr: float,
+                 progress: Callable[[int, int, float], None] | None = None) -> None:
+        self.teacher, self.samples, self.steps, self.lr, self.progress = teacher, list(samples), steps, lr, progress
+        self.result: Any = None
+
+    def _run(self, program: Program) -> None:
+        from graphopt.recover import recover
+
+        if self.result is None:
+            self.result = recover(program, self.teacher, self.samples, steps=self.steps, lr=self.lr, progress=self.progress)
+
+    def before_pass(self, inv: PassInvocation, program: Program) -> None:
+        if inv.name == QUANT_PASS:
+            self._run(program)
+
+    def finish(self, program: Program) -> None:
+        self._run(program)
+
+
+class SnapshotBefore:
+    """Instrument: a copy of the program just before the named pass (the fp32 reference of quantization)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.program: Program | None = None
+
+    def before_pass(self, inv: PassInvocation, program: Program) -> None:
+        if inv.name == self.name and self.program is None:
+            self.program = program.clone()
