@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -399,7 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.disable(logging.WARNING)
     try:
         cli.main(args=args, prog_name="graphopt", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click turns KeyboardInterrupt (and our Terminated) into Abort
+        from graphopt.errors import Terminated
+
+        if isinstance(exc.__cause__, Terminated):
+            name = signal.Signals(exc.__cause__.signum).name
+            click.echo(f"graphopt: terminated by {name}; nothing was written", err=True)
+            return 128 + exc.__cause__.signum
         click.echo("aborted", err=True)
         return 130
     except click.exceptions.NoArgsIsHelpError as exc:  # `graphopt` alone: the help text

@@ -20,6 +20,7 @@ __all__ = [
     "DataError",
     "ArtifactError",
     "LoweringError",
+    "Terminated",
     "choices",
 ]
 
@@ -118,6 +119,17 @@ class VerificationError(GraphoptError):
     def __init__(self, message: str, report: object | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP during a compile: unwinds like Ctrl-C (cleanup runs, no pass is blamed).
+
+    The CLI exits with ``128 + signum``, as a shell reports a process the signal killed.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def choices(items: Iterable[str]) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from graphopt.errors import ArtifactError, UsageError, choices
+from graphopt.errors import ArtifactError, Terminated, UsageError, choices
 from graphopt.targets import MANIFEST, read_manifest
 
 __all__ = ["Output", "REPORT"]
@@ -182,7 +182,7 @@ class Output:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._restore_signals()  # a second signal acts at once
-        raise SystemExit(128 + signum)
+        raise Terminated(signum)
 
     def _restore_signals(self) -> None:
         while self._signals:
