@@ -4,8 +4,10 @@ allow-list, module configs) plus ``weights.pt`` (tensors only, loaded with ``wei
 from __future__ import annotations
 
 import json
+import keyword
 import math
 import operator
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from graphopt.capture.common import first_line
 from graphopt.errors import ArtifactError
 from graphopt.quant import silence_quantized_deprecation
 
@@ -28,54 +31,74 @@ WEIGHTS_FILE = "weights.pt"
 GRAPH_FORMAT = "graphopt-qgraph/1"
 
 
-_FUNCTION_NAMESPACES: dict[str, Any] = {
-    "torch": torch,
-    "torch.nn.functional": F,
-    "operator": operator,
+# The allow-list: exactly what the lowering emits. Quantized kernels and the ops that run on
+# quantized tensors (graphopt.quant's op kinds), plus the fp32 ops of the op families capture
+# supports, for fp32 islands. A graph.json naming anything else is refused, not resolved:
+# no name in it is ever looked up in a Python namespace.
+
+
+def _named(prefix: str, ns: Any, names: str) -> dict[str, Any]:
+    return {f"{prefix}.{n}": getattr(ns, n) for n in names.split()}
+
+
+FUNCTIONS: dict[str, Any] = {
+    **_named("torch.ops.quantized", torch.ops.quantized, "add add_relu mul mul_relu cat"),
+    **_named("torch", torch, "quantize_per_tensor dequantize flatten cat concat concatenate add mul sub div mean relu "
+                             "sigmoid tanh chunk split transpose permute reshape squeeze unsqueeze narrow softmax clamp"),
+    **_named("torch.nn.functional", F, "relu relu6 hardtanh sigmoid hardsigmoid hardswish silu gelu tanh leaky_relu "
+                                       "softmax dropout max_pool1d max_pool2d avg_pool1d avg_pool2d adaptive_avg_pool1d "
+                                       "adaptive_avg_pool2d adaptive_max_pool2d"),
+    **_named("operator", operator, "getitem add iadd mul imul sub truediv floordiv neg"),
+    "builtins.getattr": getattr,  # only as getattr(value, name) with a name in GETATTR_NAMES
 }
-_BUILTINS = {"getattr": getattr}
-_OPS_NAMESPACES = ("quantized", "aten")
-_MODULE_NAMESPACES: dict[str, Any] = {"torch.nn": nn, "torch.ao.nn.intrinsic": nni}
-_QUANTIZED_MODULES: dict[str, type] = {
+GETATTR_NAMES = frozenset({"shape", "dtype", "ndim"})
+METHODS = frozenset(
+    "view reshape flatten permute transpose contiguous squeeze unsqueeze chunk split narrow size dim numel relu sigmoid "
+    "tanh softmax clamp mean sum add mul sub div expand expand_as dequantize".split()
+)
+FLOAT_MODULES: dict[str, type] = {
+    **_named("torch.nn", nn, "Conv1d Conv2d Linear BatchNorm1d BatchNorm2d ReLU ReLU6 Hardtanh Sigmoid Hardsigmoid "
+                             "Hardswish SiLU GELU Tanh LeakyReLU Softmax MaxPool1d MaxPool2d AvgPool1d AvgPool2d "
+                             "AdaptiveAvgPool1d AdaptiveAvgPool2d AdaptiveMaxPool2d Flatten Dropout Dropout1d Dropout2d "
+                             "Identity ChannelShuffle"),
+    **_named("torch.ao.nn.intrinsic", nni, "ConvReLU1d ConvReLU2d LinearReLU"),
+}
+QUANTIZED_MODULES: dict[str, type] = {
     "Conv1d": nnq.Conv1d, "Conv2d": nnq.Conv2d, "ConvReLU1d": nniq.ConvReLU1d, "ConvReLU2d": nniq.ConvReLU2d,
     "Linear": nnq.Linear, "LinearReLU": nniq.LinearReLU, "BatchNorm2d": nnq.BatchNorm2d, "BNReLU2d": nniq.BNReLU2d,
 }
+_FUNCTION_NAMES = {id(fn): name for name, fn in reversed(FUNCTIONS.items())}  # first name wins for aliases
+_NAME_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")  # '0' as in Sequential children
+_NODE_OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 
 
 def _encode_target(target: Any) -> str:
     if isinstance(target, str):
         return target
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        ns, name = target._qualified_op_name.split("::")
-        return f"torch.ops.{ns}.{name}"
-    if isinstance(target, torch._ops.OpOverload):
-        ns, name = target._schema.name.split("::")
-        return f"torch.ops.{ns}.{name}.{target._overloadname}"
-    name = getattr(target, "__name__", None)
-    if name in _BUILTINS and _BUILTINS[name] is target:
-        return f"builtins.{name}"
-    for prefix, ns in _FUNCTION_NAMESPACES.items():
-        if name and getattr(ns, name, None) is target:
-            return f"{prefix}.{name}"
-    raise ArtifactError(f"cpu-int8 cannot save a call to {target!r}: it is not a torch, torch.nn.functional or operator function")
+    name = _FUNCTION_NAMES.get(id(target))
+    if name is None or FUNCTIONS[name] is not target:
+        raise ArtifactError(f"cpu-int8 cannot save a call to {getattr(target, '__name__', target)!r}: not among the ops its "
+                            "loader allows (see backends/_cpu_int8_graph.py FUNCTIONS)")
+    return name
 
 
-def _decode_target(text: str) -> Any:
-    if text.startswith("torch.ops."):
-        parts = text.split(".")
-        if len(parts) in (4, 5) and parts[2] in _OPS_NAMESPACES:
-            packet = getattr(getattr(torch.ops, parts[2]), parts[3])
-            return getattr(packet, parts[4]) if len(parts) == 5 else packet
-    elif text.startswith("builtins."):
-        fn = _BUILTINS.get(text.split(".", 1)[1])
-        if fn is not None:
-            return fn
-    else:
-        prefix, _, name = text.rpartition(".")
-        ns = _FUNCTION_NAMESPACES.get(prefix)
-        if ns is not None and not name.startswith("_") and callable(getattr(ns, name, None)):
-            return getattr(ns, name)
-    raise ArtifactError(f"graph.json names the function '{text}', which is not allowed")
+def _decode_target(text: Any, node: str) -> Any:
+    fn = FUNCTIONS.get(text) if isinstance(text, str) else None
+    if fn is None:
+        raise ArtifactError(f"graph.json: node '{node}' calls {text!r}, which is not an op the cpu-int8 lowering emits")
+    return fn
+
+
+def _check_node(op: str, target: Any, args: tuple[Any, ...], name: str, modules: dict[str, Any], attrs: list[str]) -> None:
+    """Refuse a node the lowering never writes: every name must be on the allow-list."""
+    if op == "call_method" and (target not in METHODS or not args or not isinstance(args[0], Node)):
+        raise ArtifactError(f"graph.json: node '{name}' calls the method {target!r}, which the cpu-int8 lowering never emits")
+    if op == "call_function" and target is getattr and (len(args) != 2 or args[1] not in GETATTR_NAMES):
+        raise ArtifactError(f"graph.json: node '{name}' reads the attribute {args[1:]!r}; allowed: {sorted(GETATTR_NAMES)}")
+    if op == "call_module" and target not in modules:
+        raise ArtifactError(f"graph.json: node '{name}' calls module {target!r}, which is not among its modules")
+    if op == "get_attr" and target not in attrs:
+        raise ArtifactError(f"graph.json: node '{name}' reads {target!r}, which is not among its saved tensors")
 
 
 def _encode_value(v: Any) -> Any:
@@ -121,7 +144,7 @@ def _decode_value(v: Any, nodes: dict[str, Node]) -> Any:
     if key == "float":
         return float(x)
     if key in ("dtype", "memory_format"):
-        value = getattr(torch, x, None)
+        value = getattr(torch, x, None) if isinstance(x, str) and x.isidentifier() and not x.startswith("_") else None
         if not isinstance(value, (torch.dtype, torch.memory_format)):
             raise ArtifactError(f"graph.json: unknown {key} '{x}'")
         return value
@@ -138,13 +161,12 @@ def _float_module_config(name: str, m: nn.Module) -> dict[str, Any]:
     import inspect
 
     cls = type(m)
-    for prefix, ns in _MODULE_NAMESPACES.items():
-        if getattr(ns, cls.__name__, None) is cls:
-            break
-    else:
-        raise ArtifactError(f"cpu-int8 cannot save module '{name}' of type {cls.__module__}.{cls.__qualname__} (only torch.nn modules)")
+    type_name = next((k for k, c in FLOAT_MODULES.items() if c is cls), None)
+    if type_name is None:
+        raise ArtifactError(f"cpu-int8 cannot save module '{name}' of type {cls.__module__}.{cls.__qualname__}: "
+                            "not among the modules its loader allows (see backends/_cpu_int8_graph.py FLOAT_MODULES)")
     if isinstance(m, nni._FusedModule):
-        return {"kind": "fused", "type": f"{prefix}.{cls.__name__}",
+        return {"kind": "fused", "type": type_name,
                 "children": [_float_module_config(f"{name}.{i}", c) for i, c in enumerate(m)]}
     args: dict[str, Any] = {}
     for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
@@ -157,19 +179,21 @@ def _float_module_config(name: str, m: nn.Module) -> dict[str, Any]:
         elif hasattr(m, p.name):
             args[p.name] = _encode_value(getattr(m, p.name))
         elif p.default is p.empty:
-            raise ArtifactError(f"cpu-int8 cannot save module '{name}' ({cls.__name__}): constructor argument '{p.name}' is not an attribute")
-    return {"kind": "float", "type": f"{prefix}.{cls.__name__}", "args": args}
+            raise ArtifactError(f"cpu-int8 cannot save module '{name}' ({cls.__name__}): "
+                                f"constructor argument '{p.name}' is not an attribute")
+    return {"kind": "float", "type": type_name, "args": args}
 
 
-def _build_float_module(cfg: dict[str, Any]) -> nn.Module:
-    prefix, _, cls_name = cfg["type"].rpartition(".")
-    ns = _MODULE_NAMESPACES.get(prefix)
-    cls = getattr(ns, cls_name, None) if ns is not None and not cls_name.startswith("_") else None
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ArtifactError(f"graph.json names the module type '{cfg['type']}', which is not allowed")
+def _build_float_module(name: str, cfg: dict[str, Any]) -> nn.Module:
+    cls = FLOAT_MODULES.get(cfg["type"]) if isinstance(cfg.get("type"), str) else None
+    if cls is None:
+        raise ArtifactError(f"graph.json: module '{name}' has the type {cfg.get('type')!r}, "
+                            "which the cpu-int8 lowering never emits")
     if cfg["kind"] == "fused":
-        return cls(*(_build_float_module(c) for c in cfg["children"]))
-    args = {k: _tuple_lists(_decode_value(v, {})) for k, v in cfg["args"].items()}
+        if not issubclass(cls, nni._FusedModule):
+            raise ArtifactError(f"graph.json: module '{name}' is a fused {cfg['type']}, which is no fused module")
+        return cls(*(_build_float_module(name, c) for c in cfg["children"]))
+    args = {str(k): _tuple_lists(_decode_value(v, {})) for k, v in cfg["args"].items()}
     return cls(**args)
 
 
@@ -179,7 +203,7 @@ def _tuple_lists(v: Any) -> Any:
 
 def _module_entry(name: str, m: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     cls = type(m)
-    qname = next((k for k, c in _QUANTIZED_MODULES.items() if c is cls), None)
+    qname = next((k for k, c in QUANTIZED_MODULES.items() if c is cls), None)
     if qname is not None:
         entry: dict[str, Any] = {"kind": "quantized", "type": qname, "scale": float(m.scale), "zero_point": int(m.zero_point)}
         if getattr(m, "pack_engine", None):
@@ -209,16 +233,17 @@ def _module_entry(name: str, m: nn.Module, tensors: dict[str, torch.Tensor]) -> 
 def _build_module(name: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
     from graphopt.backends.cpu_int8 import ENGINES, engine_scope  # the backend imports this module
 
-    if entry["kind"] != "quantized":
-        m = _build_float_module(entry)
+    if entry["kind"] in ("float", "fused"):
+        m = _build_float_module(name, entry)
         state = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(name + ".")}
         missing, unexpected = m.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ArtifactError(f"weights.pt does not fit module '{name}': missing {missing}, unexpected {unexpected}")
         return m.eval()
-    cls = _QUANTIZED_MODULES.get(entry["type"])
+    cls = QUANTIZED_MODULES.get(entry["type"]) if entry["kind"] == "quantized" and isinstance(entry["type"], str) else None
     if cls is None:
-        raise ArtifactError(f"graph.json: unknown quantized module type '{entry['type']}'")
+        raise ArtifactError(f"graph.json: module '{name}' has the quantized type {entry.get('type')!r}, "
+                            f"which the cpu-int8 lowering never emits; allowed: {sorted(QUANTIZED_MODULES)}")
     try:
         if issubclass(cls, nnq.BatchNorm2d):
             m = cls(entry["num_features"], entry["eps"], entry["momentum"])
@@ -275,8 +300,58 @@ def save_graph(gm: GraphModule, directory: Path, engine: str, points: dict[str, 
     return [GRAPH_FILE, WEIGHTS_FILE]
 
 
+def _dotted_name(text: Any, what: str) -> str:
+    """fx writes these names into the Python code it generates: only dotted identifiers may pass."""
+    parts = text.split(".") if isinstance(text, str) else [""]
+    if not all(_NAME_PART.fullmatch(part) and not keyword.iskeyword(part) for part in parts):
+        raise ArtifactError(f"graph.json: {what} {text!r} is not a dotted Python identifier")
+    return text
+
+
+def _read_tensors(wpath: Path) -> dict[str, torch.Tensor]:
+    try:
+        with warnings.catch_warnings():  # torch's own rebuild of quantized tensors uses TypedStorage
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            tensors = torch.load(wpath, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - weights-only unpickling refuses anything but tensors
+        raise ArtifactError(f"'{wpath}' is not a readable tensor file: {type(exc).__name__}: {first_line(exc)}") from None
+    if not (isinstance(tensors, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items())):
+        raise ArtifactError(f"'{wpath}' does not hold a mapping of names to tensors")
+    return tensors
+
+
+def _build_graph(doc: dict[str, Any], root: dict[str, Any]) -> Graph:
+    graph = Graph()
+    env: dict[str, Node] = {}
+    for spec in doc["nodes"]:
+        op, name = spec["op"], str(spec["name"])
+        if op not in _NODE_OPS:
+            raise ArtifactError(f"graph.json: node '{name}' has the kind {op!r}; allowed: {', '.join(_NODE_OPS)}")
+        args = _decode_value(spec["args"], env)
+        kwargs = _decode_value(spec["kwargs"], env)
+        if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+            raise ArtifactError(f"graph.json: node '{name}' has malformed args/kwargs")
+        for key in kwargs:
+            _dotted_name(key, f"node '{name}' keyword")
+        if op == "output":
+            graph.output(args[0])
+            continue
+        if op == "call_function":
+            target = _decode_target(spec["target"], name)
+        else:
+            target = _dotted_name(spec["target"], f"node '{name}' target")
+        _check_node(op, target, tuple(args), name, doc["modules"], doc["attrs"])
+        env[spec["name"]] = graph.create_node(op, target, tuple(args), kwargs, name=name)
+    return graph
+
+
 def load_graph(directory: Path, engine: str) -> tuple[GraphModule, dict[str, str]]:
-    """Rebuild a lowered graph saved by :func:`save_graph` (weights repacked for ``engine``)."""
+    """Rebuild a lowered graph saved by :func:`save_graph` (weights repacked for ``engine``).
+
+    Every op, method, module type and name in ``graph.json`` must be on this module's
+    allow-list; ``weights.pt`` is read with ``weights_only=True``. Nothing in either file
+    can make the loader or the rebuilt graph run code the lowering did not emit.
+    """
     from graphopt.backends.cpu_int8 import engine_scope  # the backend imports this module
 
     gpath, wpath = directory / GRAPH_FILE, directory / WEIGHTS_FILE
@@ -286,39 +361,24 @@ def load_graph(directory: Path, engine: str) -> tuple[GraphModule, dict[str, str
     try:
         doc = json.loads(gpath.read_text())
     except (OSError, ValueError) as exc:
-        raise ArtifactError(f"'{gpath}' is unreadable: {exc}") from None
+        raise ArtifactError(f"'{gpath}' is unreadable: {first_line(exc)}") from None
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"'{gpath}' holds a {type(doc).__name__}, not a graphopt cpu-int8 graph")
     if doc.get("format") != GRAPH_FORMAT:
         raise ArtifactError(f"'{gpath}' has format {doc.get('format')!r}, expected '{GRAPH_FORMAT}'")
     silence_quantized_deprecation()
+    tensors = _read_tensors(wpath)
     try:
-        with warnings.catch_warnings():  # torch's own rebuild of quantized tensors uses TypedStorage
-            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            tensors = torch.load(wpath, weights_only=True)
-    except Exception as exc:
-        raise ArtifactError(f"'{wpath}' is not a readable tensor file: {type(exc).__name__}: {exc}") from None
-    root: dict[str, Any] = {}
-    with engine_scope(engine):
-        for name, entry in doc["modules"].items():
-            root[name] = _build_module(name, entry, tensors)
-    for target in doc["attrs"]:
-        root[target] = tensors[f"attr:{target}"]
-    graph = Graph()
-    env: dict[str, Node] = {}
-    try:
-        for spec in doc["nodes"]:
-            op = spec["op"]
-            args = _decode_value(spec["args"], env)
-            kwargs = _decode_value(spec["kwargs"], env)
-            if op == "output":
-                graph.output(args[0])
-                continue
-            target = _decode_target(spec["target"]) if op == "call_function" else spec["target"]
-            if op == "call_method" and (not isinstance(target, str) or target.startswith("_")):
-                raise ArtifactError(f"graph.json: method '{target}' is not allowed")
-            env[spec["name"]] = graph.create_node(op, target, tuple(args), kwargs, name=spec["name"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"'{gpath}' is malformed: {type(exc).__name__}: {exc}") from None
+        root: dict[str, Any] = {}
+        with engine_scope(engine):
+            for name, entry in doc["modules"].items():
+                root[_dotted_name(name, "module name")] = _build_module(name, entry, tensors)
+        for target in doc["attrs"]:
+            root[_dotted_name(target, "attribute")] = tensors[f"attr:{target}"]
+        graph = _build_graph(doc, root)
+        points = {str(k): str(v) for k, v in doc.get("points", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ArtifactError(f"'{gpath}' is malformed: {type(exc).__name__}: {first_line(exc)}") from None
     gm = GraphModule(root, graph, class_name="QuantizedGraphModule")
     gm.graph.lint()
-    return gm.eval(), {str(k): str(v) for k, v in doc.get("points", {}).items()}
-
+    return gm.eval(), points
