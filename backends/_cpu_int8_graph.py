@@ -374,7 +374,8 @@ def load_graph(directory: Path, engine: str) -> tuple[GraphModule, dict[str, str
             for name, entry in doc["modules"].items():
                 root[_dotted_name(name, "module name")] = _build_module(name, entry, tensors)
         for target in doc["attrs"]:
-            root[_dotted_name(target, "attribute")] = tensors[f"attr:{target}"]
+            _dotted_name(target, "attribute")  # before the lookup: the name is what fx would write into code
+            root[target] = tensors[f"attr:{target}"]
         graph = _build_graph(doc, root)
         points = {str(k): str(v) for k, v in doc.get("points", {}).items()}
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
