@@ -1,7 +1,8 @@
 """cpu-fp32: the optimized fx program itself, run by PyTorch eager on the CPU.
 
-Saved as a ``torch.export`` archive (``model.pt2``): a graph of ATen ops plus weights,
-which loads without unpickling arbitrary code.
+Saved as a ``torch.export`` archive (``model.pt2``): a graph of ATen ops plus raw tensors.
+It is read back through :func:`graphopt.capture.safe_pt2.load_pt2`, which refuses an archive
+that would make ``torch.export.load`` unpickle objects or run code.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 
+from graphopt.capture.safe_pt2 import load_pt2, module_of
 from graphopt.errors import ArtifactError
 from graphopt.program import InputSpec, Program
 from graphopt.targets import Artifact, TargetSpec, register_target
@@ -58,12 +60,9 @@ class TorchEagerBackend:
         path = directory / MODEL_FILE
         if not path.is_file():
             raise ArtifactError(f"artifact '{directory}' is missing {MODEL_FILE}")
-        try:
-            exported = torch.export.load(path)
-        except Exception as exc:
-            raise ArtifactError(f"'{path}' is not a readable torch.export archive: {type(exc).__name__}: {exc}") from None
+        exported = load_pt2(path, f"'{path}'", ArtifactError)
         specs = [InputSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"])) for i in manifest["inputs"]]
-        return ExportedArtifact(exported.module(), target, specs, exported)
+        return ExportedArtifact(module_of(exported), target, specs, exported)
 
 
 BACKEND = TorchEagerBackend()

@@ -16,6 +16,7 @@ import torch.fx
 
 from graphopt.capture.common import check_shapes, finish, first_line
 from graphopt.capture.raise_aten import raise_to_modules
+from graphopt.capture.safe_pt2 import load_pt2, module_of
 from graphopt.errors import CaptureError
 from graphopt.program import Program
 
@@ -37,16 +38,10 @@ def _quiet() -> Iterator[None]:
 
 
 def load_exported(path: Path, name: str) -> torch.export.ExportedProgram:
-    """``torch.export.load`` with a one-line CaptureError for unreadable archives."""
-    try:
-        with _quiet():
-            return torch.export.load(path)
-    except Exception as exc:  # noqa: BLE001
-        reason = first_line(exc)
-        lowered = reason.lower()
-        if "central directory" in lowered or "not a zip" in lowered:
-            reason = "not a complete zip archive (truncated or corrupt)"
-        raise CaptureError(f"'{name}' is not a readable torch.export archive: {reason}") from exc
+    """The archive, checked and loaded by :func:`~graphopt.capture.safe_pt2.load_pt2` (no code from
+    the file runs), with a one-line CaptureError for unreadable or refused archives."""
+    with _quiet():
+        return load_pt2(path, f"'{name}'", CaptureError)
 
 
 def _dim(d: Any) -> int | None:
@@ -130,7 +125,7 @@ def from_export(
     label = f"'{name}'"
     try:
         with _quiet():
-            unlifted = exported.module()
+            unlifted = module_of(exported)
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(f"'{name}' is not a readable torch.export archive: {first_line(exc)}") from exc
     was_training = _to_inference(unlifted)

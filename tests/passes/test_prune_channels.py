@@ -33,6 +33,7 @@ from graphopt.pipeline import PassManager, parse_pipeline
 from graphopt.plugins import PluginHost
 from graphopt.program import Program
 from tests.conftest import program_of, randomize_bn
+from tests.fuzz.nets import draw_net
 
 PROFILE = os.environ.get("GRAPHOPT_HYPOTHESIS_PROFILE", "ci")
 EXAMPLES = {"ci": 40, "full": 200}.get(PROFILE, 40)
@@ -350,137 +351,6 @@ def test_shared_module_slices_and_graph_output():
 
 
 # --------------------------------------------------------------------------- random nets
-
-
-def _unit(cin: int, cout: int, k: int, groups: int, bn: bool, act: type[nn.Module] | None) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=not bn)]
-    if bn:
-        layers.append(nn.BatchNorm2d(cout))
-    if act is not None:
-        layers.append(act())
-    return nn.Sequential(*layers)
-
-
-class Residual(nn.Module):
-    def __init__(self, c: int, hidden: int, out: int, bn: bool, act):
-        super().__init__()
-        self.body = nn.Sequential(_unit(c, hidden, 3, 1, bn, act), _unit(hidden, out, 3, 1, bn, None))
-        self.short = _unit(c, out, 1, 1, bn, None) if out != c else None
-        self.act = act()
-
-    def forward(self, x):
-        return self.act(self.body(x) + (x if self.short is None else self.short(x)))
-
-
-class Concat(nn.Module):
-    def __init__(self, c: int, a: int, b: int, dense: bool, bn: bool, act):
-        super().__init__()
-        self.dense = dense
-        self.a = None if dense else _unit(c, a, 1, 1, bn, act)
-        self.b = _unit(c, b, 3, 1, bn, act)
-
-    def forward(self, x):
-        return torch.cat([x if self.dense else self.a(x), self.b(x)], 1)
-
-
-class SqueezeExcite(nn.Module):
-    def __init__(self, c: int, hidden: int):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(c, hidden, 1)
-        self.fc2 = nn.Conv2d(hidden, c, 1)
-
-    def forward(self, x):
-        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(self.pool(x)))))
-
-
-class SplitShuffle(nn.Module):
-    def __init__(self, c: int, bn: bool, act):
-        super().__init__()
-        self.branch = nn.Sequential(_unit(c // 2, c // 2, 1, 1, bn, act), _unit(c // 2, c // 2, 3, c // 2, bn, None))
-
-    def forward(self, x):
-        x1, x2 = x.chunk(2, dim=1)
-        out = torch.cat((x1, self.branch(x2)), dim=1)
-        n, c, h, w = out.size()
-        return out.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
-
-
-class SliceCat(nn.Module):
-    def __init__(self, c: int, a: int, bn: bool, act):
-        super().__init__()
-        self.a = a
-        self.f = _unit(c - a, c - a, 3, 1, bn, act)
-
-    def forward(self, x):
-        return torch.cat([x[:, : self.a], self.f(x[:, self.a :])], 1)
-
-
-class FlattenHead(nn.Module):
-    def __init__(self, features: int, hidden: int | None, bn: bool):
-        super().__init__()
-        layers: list[nn.Module] = []
-        if hidden:
-            layers += [nn.Linear(features, hidden)] + ([nn.BatchNorm1d(hidden)] if bn else []) + [nn.ReLU()]
-        layers.append(nn.Linear(hidden or features, 5))
-        self.mlp = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.mlp(torch.flatten(x, 1))
-
-
-KINDS = ["conv", "grouped", "depthwise", "residual", "concat", "dense", "se", "shuffle", "slice", "pool"]
-
-
-def draw_net(data) -> tuple[nn.Module, tuple[int, ...]]:
-    draw = data.draw
-    cin, size = draw(st.sampled_from([1, 3])), draw(st.sampled_from([8, 12, 16]))
-    shape = (2, cin, size, size)
-    bn = draw(st.booleans())
-    act = draw(st.sampled_from([nn.ReLU, nn.ReLU6, nn.Hardswish]))
-    width = st.sampled_from([4, 6, 8])
-    c = draw(width)
-    layers: list[nn.Module] = [_unit(cin, c, 3, 1, bn, act)]
-    for kind in draw(st.lists(st.sampled_from(KINDS), min_size=1, max_size=5)):
-        if kind == "grouped" and c % 2 == 0:
-            out = draw(width)
-            layers.append(_unit(c, out, 3, 2, bn, act))
-            c = out
-        elif kind == "depthwise":
-            m = draw(st.sampled_from([1, 2]))
-            layers.append(_unit(c, c * m, 3, c, bn, act))
-            c *= m
-        elif kind == "residual":
-            out = draw(st.sampled_from([c, draw(width)]))
-            layers.append(Residual(c, draw(width), out, bn, act))
-            c = out
-        elif kind in ("concat", "dense"):
-            a, b = draw(width), draw(width)
-            layers.append(Concat(c, a, b, kind == "dense", bn, act))
-            c = (c if kind == "dense" else a) + b
-        elif kind == "se":
-            layers.append(SqueezeExcite(c, draw(st.sampled_from([2, 4]))))
-        elif kind == "shuffle" and c % 2 == 0:
-            layers.append(SplitShuffle(c, bn, act))
-        elif kind == "slice" and c >= 3:
-            layers.append(SliceCat(c, draw(st.integers(1, c - 2)), bn, act))
-        elif kind == "pool" and size >= 8:
-            layers.append(nn.MaxPool2d(2))
-            size //= 2
-        else:
-            out = draw(width)
-            layers.append(_unit(c, out, draw(st.sampled_from([1, 3])), 1, bn, act))
-            c = out
-    head = draw(st.sampled_from(["gap", "flatten", "mlp", "conv"]))
-    if head == "gap":
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 5)]
-    elif head in ("flatten", "mlp"):
-        layers.append(FlattenHead(c * size * size, draw(st.sampled_from([6, 8])) if head == "mlp" else None, bn))
-    else:
-        layers.append(nn.Conv2d(c, 5, 1))
-    model = nn.Sequential(*layers)
-    randomize_bn(model, seed=draw(st.integers(0, 100)))
-    return model.eval(), shape
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
