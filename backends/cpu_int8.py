@@ -339,6 +339,8 @@ class _Lowering:
         ins = anchor_inputs(self.sim, n)
         if not ins or any(self.qp.get(a) is None for a in ins):
             return False
+        if kind is OpKind.WEIGHTED and not isinstance(self.sim.get_submodule(str(n.target)), QuantLayer):
+            return False  # kept in fp32 (--keep-fp32) between quantized values: lowered as a float layer
         found = self.output_quantizer(n)
         if found is None:
             return False

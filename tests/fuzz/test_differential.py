@@ -37,8 +37,8 @@ FUZZ_NETS = int(FUZZ_ENV or 100)
 FUZZ_KINDS = [*KINDS, "avgpool"]
 CPU_TARGETS = ("cpu-fp32", "cpu-int8", "ort-fp32", "ort-int8")
 FP32_BOUND = 1e-4
-#: int8 targets fuzzed with --keep-fp32 too; cpu-int8 joins when test_cpu_int8_keep_fp32_conv_... (xfail) is fixed
-KEEP_FP32_TARGETS = ("ort-int8",)
+#: int8 targets fuzzed with --keep-fp32 too
+KEEP_FP32_TARGETS = ("cpu-int8", "ort-int8")
 
 _host = default_host()
 EXACT_PASSES = sorted(spec.name for spec in _host.passes if spec.contract == "exact")
@@ -143,10 +143,8 @@ class _ShuffleNet(nn.Module):
         return self.head(self.block(self.stem(x)))
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "finding: cpu-int8 lowering (backends/cpu_int8.py _Lowering.lower_anchor) treats a conv kept in fp32 "
-    "(--keep-fp32, so no QuantLayer) whose input is quantized and whose output has a quantizer as WEIGHTED and reads "
-    "q.fused_relu: AttributeError 'ConvReLU2d' object has no attribute 'fused_relu' (internal error, exit 5)"))
+# found by the fuzzer: cpu-int8 took a conv kept in fp32 (no QuantLayer) between quantized values
+# for a quantized layer and crashed reading `fused_relu` (internal error, exit 5)
 def test_cpu_int8_keep_fp32_conv_between_quantized_values():
     assert check_target("cpu-int8", _ShuffleNet().eval(), (1, 1, 8, 8), keep_fp32=("block.branch.0.0",)) == "verified"
 
