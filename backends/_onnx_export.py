@@ -22,6 +22,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from graphopt.errors import LoweringError
+from graphopt.fx_util import describe
 from graphopt.program import Program
 
 #: Opset of the TorchScript exporter (QuantizeLinear/DequantizeLinear with ``axis``
@@ -101,21 +102,6 @@ def _dynamo_export(module: nn.Module, example: tuple[torch.Tensor, ...], input_n
     return prog.model_proto.SerializeToString()
 
 
-def _describe(gm: GraphModule, n: Node) -> str:
-    if n.op == "call_module":
-        m = gm.get_submodule(str(n.target))
-        what = f"module '{n.target}' ({type(m).__module__}.{type(m).__qualname__})"
-    elif n.op == "call_function":
-        module = getattr(n.target, "__module__", None)
-        name = getattr(n.target, "__name__", None) or repr(n.target)
-        what = f"call to {module + '.' if module else ''}{name}"
-    else:
-        what = f"method '.{n.target}()'"
-    line = (n.stack_trace or "").strip().splitlines()
-    where = f" at {line[-2].strip()}" if len(line) >= 2 else ""
-    return f"node '{n.name}' ({what}){where}"
-
-
 class _OneNode(nn.Module):
     """One fx node as a module, its tensor arguments as inputs (for diagnosis)."""
 
@@ -159,7 +145,7 @@ def _diagnose(gm: GraphModule, example: tuple[torch.Tensor, ...]) -> str | None:
             _Record(gm).run(*example)
     except Exception as exc:  # the graph does not even run: name where
         bad = next((n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and n not in values), None)
-        return f"{_describe(gm, bad)} fails to run: {_first_line(exc)}" if bad is not None else None
+        return f"{describe(gm, bad)} fails to run: {_first_line(exc)}" if bad is not None else None
     for n in gm.graph.nodes:
         if n.op not in ("call_module", "call_function", "call_method"):
             continue
@@ -175,7 +161,7 @@ def _diagnose(gm: GraphModule, example: tuple[torch.Tensor, ...]) -> str | None:
             _torchscript_export(_Flat(one), inputs, [f"in_{i}" for i in range(len(inputs))],
                                 [f"out_{i}" for i in range(len(pytree.tree_leaves(out)))])
         except Exception as exc:
-            return f"{_describe(gm, n)}: {_first_line(exc)}"
+            return f"{describe(gm, n)}: {_first_line(exc)}"
     return None
 
 

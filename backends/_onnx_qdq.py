@@ -30,10 +30,10 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from graphopt.backends._onnx_export import OPSET, _check, _export
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from graphopt.backends._onnx_export import OPSET, _check, _export
 from graphopt.errors import UsageError, choices
 from graphopt.program import Program
 from graphopt.quant import META_KEY, ActFakeQuant, QParams, QuantInfo, QuantLayer, clear_kernel_arithmetic

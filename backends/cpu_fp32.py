@@ -15,7 +15,7 @@ import torch
 from graphopt.capture.safe_pt2 import load_pt2, module_of
 from graphopt.errors import ArtifactError
 from graphopt.program import InputSpec, Program
-from graphopt.targets import Artifact, TargetSpec, register_target
+from graphopt.targets import Artifact, TargetSpec, manifest_inputs, register_target
 
 MODEL_FILE = "model.pt2"
 
@@ -61,7 +61,7 @@ class TorchEagerBackend:
         if not path.is_file():
             raise ArtifactError(f"artifact '{directory}' is missing {MODEL_FILE}")
         exported = load_pt2(path, f"'{path}'", ArtifactError)
-        specs = [InputSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"])) for i in manifest["inputs"]]
+        specs = manifest_inputs(manifest)
         return ExportedArtifact(module_of(exported), target, specs, exported)
 
 

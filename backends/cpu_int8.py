@@ -36,6 +36,9 @@ import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 import torch.fx
 import torch.nn.functional as F
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
 from graphopt.backends._cpu_int8_arith import (
     ENGINES,
     OnednnArithmetic,
@@ -48,10 +51,8 @@ from graphopt.backends._cpu_int8_arith import (
     pool_ties,
 )
 from graphopt.backends._cpu_int8_graph import load_graph, save_graph
-from torch import nn
-from torch.fx import Graph, GraphModule, Node
-
 from graphopt.errors import UsageError, choices
+from graphopt.fx_util import is_relu
 from graphopt.program import InputSpec, Program
 from graphopt.quant import (
     META_KEY,
@@ -64,14 +65,13 @@ from graphopt.quant import (
     clear_kernel_arithmetic,
     is_add,
     is_cat,
-    is_relu,
     op_kind,
     pool_window,
     quantizer_of,
     rederive,
     silence_quantized_deprecation,
 )
-from graphopt.targets import Artifact, BackendOption, TargetSpec, register_target
+from graphopt.targets import Artifact, BackendOption, TargetSpec, manifest_inputs, register_target
 
 #: Measured with bench/measure_cpu_int8.py (batch 1, 224x224, 2 cores of an AMD EPYC with
 #: AVX512-VNNI, medians of 30): x86 6.4 ms vs fbgemm 7.0 ms on resnet18, 18.8 vs 22.4 ms on
@@ -483,7 +483,7 @@ class CpuInt8Backend:
     def load(self, directory: Path, manifest: dict[str, Any], target: TargetSpec) -> Artifact:
         engine = manifest.get("engine") or default_engine()
         gm, points = load_graph(directory, engine)
-        specs = [InputSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"])) for i in manifest["inputs"]]
+        specs = manifest_inputs(manifest)
         not_exact = manifest.get("not_bit_exact", ["unknown"])
         return QuantizedArtifact(gm, target, specs, engine,
                                  {"points": points, "not_bit_exact": not_exact, "exact_simulation": not not_exact})

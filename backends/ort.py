@@ -39,12 +39,13 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from graphopt.backends._onnx_export import OPSET, OnnxExportError, _first_line, export_fp32
-from graphopt.backends._onnx_qdq import ONNXRUNTIME, export_int8
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from graphopt.backends._onnx_export import OPSET, OnnxExportError, _first_line, export_fp32
+from graphopt.backends._onnx_qdq import ONNXRUNTIME, export_int8
 from graphopt.errors import ArtifactError, UsageError, choices
+from graphopt.fx_util import is_relu
 from graphopt.program import InputSpec, Program
 from graphopt.quant import (
     ActFakeQuant,
@@ -56,12 +57,11 @@ from graphopt.quant import (
     absorbable_activation,
     is_add,
     is_cat,
-    is_relu,
     op_kind,
     pool_window,
     quantizer_of,
 )
-from graphopt.targets import Artifact, BackendOption, TargetSpec, register_target
+from graphopt.targets import Artifact, BackendOption, TargetSpec, manifest_inputs, register_target
 
 __all__ = [
     "OPSET",
@@ -512,7 +512,7 @@ class OrtBackend:
         except Exception as exc:
             raise ArtifactError(f"'{path}' is not a readable ONNX model: {_first_line(exc)}") from None
         try:
-            specs = [InputSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"])) for i in manifest["inputs"]]
+            specs = manifest_inputs(manifest)
             output_spec = pytree.treespec_loads(manifest["output_structure"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"'{directory / 'artifact.json'}' is malformed for {target.name}: {type(exc).__name__}: {exc}") from None

@@ -25,9 +25,9 @@ import torch
 def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from graphopt.capture import capture
     from graphopt.cost import count_macs, count_params
+    from graphopt.datasets import accuracy, digits_split, train_digits_cnn
     from graphopt.pipeline import PassManager, parse_pipeline
     from graphopt.plugins import default_host
-    from graphopt.datasets import accuracy, digits_split, train_digits_cnn
     from graphopt.recover import recover
 
     x_train, y_train, x_test, y_test = digits_split(seed)

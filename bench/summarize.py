@@ -29,7 +29,8 @@ def summarize(paths: list[str]) -> str:
     for path in paths:
         data = json.loads(open(path).read())
         info = data.get("machine_info", {})
-        machine = f"{info.get('cpu', {}).get('brand_raw', '?')}, {info.get('cpu', {}).get('count', '?')} cores, python {info.get('python_version', '?')}"
+        cpu = info.get("cpu", {})
+        machine = f"{cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores, python {info.get('python_version', '?')}"
         for bench in data["benchmarks"]:
             groups[bench["group"] or bench["name"]].append(bench)
     out = [f"_{machine}_", ""]

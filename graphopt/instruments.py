@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO
 
-import torch
-
-from graphopt.data import Sample, fresh
+from graphopt.data import Sample
 from graphopt.errors import VerificationError
+from graphopt.fx_util import run_all
 from graphopt.pipeline import PassInvocation, PassRecord
 from graphopt.program import Program
 from graphopt.verify import Tolerance, compare
@@ -23,12 +22,6 @@ __all__ = ["QUANT_PASS", "VerifyEach", "PrintIR", "Recovery", "SnapshotBefore", 
 
 #: the pass that turns a program into simulated int8 (recovery runs before it; its input is the fp32 reference)
 QUANT_PASS = "insert-quant-stubs"
-
-
-def run_all(fn: Callable[..., Any], samples: Sequence[Sample]) -> list[Any]:
-    """``fn`` on every sample, without autograd, each run on fresh copies (a model that writes into its input changes nothing)."""
-    with torch.inference_mode():
-        return [fn(*fresh(s)) for s in samples]
 
 
 class VerifyEach:

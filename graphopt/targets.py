@@ -34,6 +34,7 @@ __all__ = [
     "register_target",
     "MANIFEST",
     "read_manifest",
+    "manifest_inputs",
 ]
 
 MANIFEST = "artifact.json"
@@ -223,6 +224,11 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             raise ArtifactError(f"'{path}': '{key}' is {manifest.get(key)!r}, expected a name")
     _check_inputs(manifest.get("inputs"), path)
     return manifest
+
+
+def manifest_inputs(manifest: dict[str, Any]) -> list[InputSpec]:
+    """The input specs of a manifest that :func:`read_manifest` checked."""
+    return [InputSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"])) for i in manifest["inputs"]]
 
 
 #: The input dtypes a manifest may name (what ``Artifact.save`` writes for the inputs graphopt captures).

@@ -783,7 +783,7 @@ class _Walker:
             if node.op != "get_attr":
                 continue
             target = str(node.target)
-            sliced = [(n, [l.in_ids, l.out_ids]) for n, l in self.layers.items()] + [(n, [i]) for n, i in self.norms.items()]
+            sliced = [(n, [layer.in_ids, layer.out_ids]) for n, layer in self.layers.items()] + [(n, [i]) for n, i in self.norms.items()]
             for name, arrays in sliced:
                 if target.startswith(name + "."):
                     for ids in arrays:

@@ -17,26 +17,16 @@ import copy
 
 import torch
 import torch.ao.nn.intrinsic as nni
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
 from graphopt import PassResult, Program, register_pass
+from graphopt.fx_util import is_relu, module_of, set_module
 from graphopt.program import delete_unused_submodules
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _FUSED = {nn.Conv1d: nni.ConvReLU1d, nn.Conv2d: nni.ConvReLU2d, nn.Conv3d: nni.ConvReLU3d, nn.Linear: nni.LinearReLU}
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
-
-
-def _module(gm: GraphModule, node: Node) -> nn.Module | None:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def _set_module(gm: GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
 def _call_sites(gm: GraphModule) -> dict[str, int]:
@@ -46,16 +36,6 @@ def _call_sites(gm: GraphModule) -> dict[str, int]:
             sites[n.target] = sites.get(n.target, 0) + 1
     return sites
 
-
-def is_relu(gm: GraphModule, node: Node) -> bool:
-    """A ReLU in any of the forms tracing produces (module, function, method)."""
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)) is nn.ReLU
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS and len(node.args) == 1
-    if node.op == "call_method":
-        return node.target in ("relu", "relu_") and len(node.args) == 1
-    return False
 
 
 def fold_bn(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
@@ -82,7 +62,7 @@ def _why_not_fold(gm: GraphModule, bn_node: Node, sites: dict[str, int]) -> str:
     if bn.running_mean is None or bn.running_var is None:
         return "has no running statistics"
     producer = bn_node.args[0] if bn_node.args else None
-    layer = _module(gm, producer) if isinstance(producer, Node) else None
+    layer = module_of(gm, producer) if isinstance(producer, Node) else None
     if type(layer) not in (*_CONVS, nn.Linear):
         return "its input is not a conv or linear layer"
     if len(producer.users) != 1:
@@ -114,19 +94,19 @@ def fuse_conv_bn_relu(program: Program) -> PassResult:
             left.append(f"{node.target} ({reason})")
             continue
         producer = node.args[0]
-        _set_module(gm, producer.target, fold_bn(gm.get_submodule(producer.target), gm.get_submodule(node.target)))
+        set_module(gm, producer.target, fold_bn(gm.get_submodule(producer.target), gm.get_submodule(node.target)))
         node.replace_all_uses_with(producer)
         gm.graph.erase_node(node)
         folded += 1
 
     for node in list(gm.graph.nodes):
-        layer = _module(gm, node)
+        layer = module_of(gm, node)
         if type(layer) not in _FUSED or sites.get(node.target, 0) != 1 or len(node.users) != 1:
             continue
         (user,) = node.users
         if not is_relu(gm, user) or user.args[0] is not node:
             continue
-        _set_module(gm, node.target, _FUSED[type(layer)](layer, nn.ReLU()))
+        set_module(gm, node.target, _FUSED[type(layer)](layer, nn.ReLU()))
         user.replace_all_uses_with(node)
         gm.graph.erase_node(user)
         fused += 1

@@ -41,8 +41,8 @@ import torch
 
 from graphopt import PassResult, Program, register_pass
 from graphopt.errors import DataError, PipelineError
+from graphopt.fx_util import run_all
 from graphopt.quant import META_KEY, QuantConfig, QuantInfo, quantization_error, quantize_program
-from graphopt.quant.check import _run
 from graphopt.quant.place import CALIBRATION_KEY, Placement, place, strip, summary
 from graphopt.quant.regions import anchors, resolve_names
 from graphopt.verify import Tolerance
@@ -155,12 +155,12 @@ def keep_fp32_auto(
     tol = _as_tolerance(tolerance)
     base_skip = info.config.skip
     float_gm = strip(program.graph_module)
-    refs = _run(reference_fn, samples)
+    refs = run_all(reference_fn, samples)
     candidates = [a for a in anchors(float_gm) if a not in base_skip]
 
     def simulate(skip: frozenset[str]) -> tuple[Placement, Any]:
         p = place(float_gm, observers, replace(info.config, skip=skip))
-        return p, compare(refs, _run(p.graph_module, samples)).metrics
+        return p, compare(refs, run_all(p.graph_module, samples)).metrics
 
     full, metrics = simulate(base_skip)
     before = metrics

@@ -202,8 +202,6 @@ VERIFY_BAD = ["verify", "art", "--golden", "bad.npz"]
 COMPILE = ["compile", "zoo:digits_cnn", "-o", "out", "--no-latency"]
 TINY = ["compile", "mymodels:tiny", "-o", "out", "--no-latency"]
 SHAPE = "--input-shape"
-# sec owns the cpu-int8 graph.json loader (issue 9 item 2): enable the row once that part is merged.
-PENDING_SEC = pytest.mark.xfail(reason="graph.json parsing is sec's (issue 9 item 2); enable when merged", strict=False)
 
 ROWS = [
     # item 12: shapes that cannot be allocated, absurd dims
@@ -218,9 +216,7 @@ ROWS = [
     pytest.param("no-inputs", VERIFY, 2, ["artifact.json", "'inputs' is None"], id="manifest-no-inputs"),
     pytest.param("manifest-list", VERIFY, 2, ["artifact.json", "JSON list"], id="manifest-a-list"),
     pytest.param("huge-input", VERIFY, 2, ["artifact.json", "limit per input"], id="manifest-huge-shape"),
-    pytest.param("graph-json-list", VERIFY, 2, ["'art'", "cpu-int8"], id="graph-json-a-list"),
-    pytest.param("graph-json-list", VERIFY, 2, ["graph.json"], id="graph-json-a-list-named",
-                 marks=PENDING_SEC),
+    pytest.param("graph-json-list", VERIFY, 2, ["graph.json", "holds a list"], id="graph-json-a-list"),
     pytest.param("samples-abc", VERIFY_BAD, 2, ["bad.npz", "'samples' is 'abc'"], id="golden-samples-abc"),
     pytest.param("meta-list", VERIFY_BAD, 2, ["bad.npz", "JSON list"], id="golden-meta-list"),
     pytest.param("float64", VERIFY_BAD, 2, ["bad.npz", "float64", "expects [1, 1, 8, 8] float32"],

@@ -63,7 +63,8 @@ def test_entry_point_discovery_from_a_real_dist_info(site):
 
 def test_entry_point_that_fails_to_import_is_named(site):
     make_distribution(site, "gp_test_broken", "x = 1 / 0\n", "broken")
-    with pytest.raises(PluginError, match=r"plugin 'broken' \(gp_test_broken\) from package 'gp_test_broken-dist' failed to import: ZeroDivisionError"):
+    with pytest.raises(PluginError, match=r"plugin 'broken' \(gp_test_broken\) from package 'gp_test_broken-dist' "
+                                          r"failed to import: ZeroDivisionError"):
         PluginHost().load_entry_points()
 
 

@@ -20,7 +20,6 @@ from graphopt.program import Program
 from tests.conftest import program_of
 
 
-
 @functools.lru_cache(maxsize=None)
 def zoo_program(name: str) -> Program:
     return capture(f"zoo:{name}", input_shapes=[(1, 3, 64, 64)])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.fx
-from graphopt.passes.insert_quant_stubs import keep_fp32_auto
 from torch import nn
 
+from graphopt.passes.insert_quant_stubs import keep_fp32_auto
 from graphopt.program import Program
 from graphopt.quant import (
     META_KEY,

@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.ao.nn.intrinsic as nni
 import torch.nn.functional as F
+from torch import nn
+
 from graphopt.backends._cpu_int8_arith import (
     AvgPoolTies,
     TorchKernelRounding,
@@ -24,8 +26,6 @@ from graphopt.backends._cpu_int8_arith import (
     layer_arithmetic,
 )
 from graphopt.backends.cpu_int8 import _quantized_layer
-from torch import nn
-
 from graphopt.quant import ActFakeQuant, QParams, QuantLayer, silence_quantized_deprecation
 from tests.conftest import binary_qparams
 

@@ -24,13 +24,13 @@ def _indented_commands() -> list[str]:
 def test_the_test_command_is_what_ci_runs():
     commands = _indented_commands()
     test_cmd = next(c for c in commands if "pytest" in c)
-    ci = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert ci[-1] == test_cmd
     setup = next(c for c in commands if c.startswith("pip install"))
     # CI installs the way the set-up line does: torch pinned first, then the project with the same extras.
-    assert "pip install torch==2.13.0" in setup and any("torch==2.13.0" in l for l in ci)
+    assert "pip install torch==2.13.0" in setup and any("torch==2.13.0" in line for line in ci)
     extras = re.search(r'pip install -e "(\.\[[^\]]*\])"', setup).group(1)
-    assert any(extras in l for l in ci)
+    assert any(extras in line for line in ci)
 
 
 def _graphopt_commands() -> list[str]:

@@ -21,8 +21,6 @@ from graphopt.program import Program
 from graphopt.recover import CURVE_POINTS, RecoveryResult, recover
 from tests.conftest import program_of
 
-
-
 # --------------------------------------------------------------------------- digits
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.fx
 
 from graphopt.errors import CaptureError, choices
+from graphopt.fx_util import describe
 from graphopt.program import MAX_INPUT_BYTES, InputSpec, Program, flatten_outputs, input_bytes, size_text
 
 __all__ = [
@@ -237,19 +238,6 @@ class _NodeRecorder(torch.fx.Interpreter):
         return super().run_node(n)
 
 
-def _describe(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
-    if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target))).__name__
-    if node.op == "call_method":
-        return f".{node.target}()"
-    if node.op == "call_function":
-        target = node.target
-        if isinstance(target, torch._ops.OpOverload):
-            return str(target)
-        return getattr(target, "__name__", str(target))
-    return node.op
-
-
 def _shapes_phrase(inputs: Sequence[torch.Tensor]) -> str:
     texts = [shape_text(t.shape) for t in inputs]
     if len(texts) == 1:
@@ -337,7 +325,7 @@ def finish(
             first = recorder.run(*(t.clone() for t in inputs))
     except Exception as exc:  # noqa: BLE001 - any failure here is the input's fault or the model's
         node = recorder.current
-        at = f"node '{node.name}' ({_describe(gm, node)}) failed" if node is not None else "it failed"
+        at = f"{describe(gm, node, brief=True)} failed" if node is not None else "it failed"
         raise CaptureError(f"{_shapes_phrase(inputs)} {label}: {at}: {first_line(exc)}") from exc
     if not flatten_outputs(first) or not any(t.numel() for t in flatten_outputs(first)):
         raise CaptureError(f"{label} returns no tensor values (it returned {type(first).__name__}); "

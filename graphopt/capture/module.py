@@ -15,7 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from graphopt.capture.common import check_shapes, first_line, finish, model_input_shapes, where
+from graphopt.capture.common import check_shapes, finish, first_line, model_input_shapes, where
 from graphopt.errors import CaptureError
 from graphopt.program import Program
 

@@ -24,7 +24,6 @@ are dropped.
 from __future__ import annotations
 
 import copy
-import functools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen
 from torch.fx.operator_schemas import normalize_function
 
 from graphopt.capture.common import sanitize_name
+from graphopt.fx_util import get_attr
 
 __all__ = ["raise_to_modules"]
 
@@ -332,10 +332,6 @@ class _Names:
 # --------------------------------------------------------------------------- driver
 
 
-def _fetch(root: nn.Module, target: str) -> Any:
-    return functools.reduce(getattr, target.split("."), root)
-
-
 def _simple_inputs(codegen: Any, n_placeholders: int) -> bool:
     """Whether ``forward(*tensors)`` maps 1:1 onto the placeholders (no kwargs, no nesting)."""
     info = getattr(codegen, "pytree_info", None)
@@ -360,7 +356,7 @@ def raise_to_modules(exported: torch.fx.GraphModule) -> torch.fx.GraphModule:
         graph.output(out)
         graph._codegen = copy.deepcopy(codegen)  # keyword or nested inputs: keep export's calling convention
 
-    attrs = {str(n.target): _fetch(exported, str(n.target)) for n in graph.nodes if n.op == "get_attr"}
+    attrs = {str(n.target): get_attr(exported, str(n.target)) for n in graph.nodes if n.op == "get_attr"}
     modules: dict[str, nn.Module] = {}
     for node in list(graph.nodes):
         if node.op == "call_module":

@@ -48,7 +48,7 @@ from graphopt.quant.place import (
     rederive,
     strip,
 )
-from graphopt.quant.regions import OpKind, absorbable_activation, anchor_inputs, is_add, is_cat, is_relu, op_kind, pool_window
+from graphopt.quant.regions import OpKind, absorbable_activation, anchor_inputs, is_add, is_cat, op_kind, pool_window
 from graphopt.quant.simulate import (
     ActFakeQuant,
     LayerArithmetic,
@@ -78,7 +78,6 @@ __all__ = [
     "anchor_inputs",
     "is_add",
     "is_cat",
-    "is_relu",
     "pool_window",
     "META_KEY",
     "CALIBRATION_KEY",

@@ -10,6 +10,7 @@ import torch
 import torch.fx
 from torch.fx import GraphModule, Node
 
+from graphopt.fx_util import run_all
 from graphopt.program import Program, flatten_outputs
 from graphopt.quant.place import output_scales
 
@@ -17,23 +18,18 @@ from graphopt.quant.place import output_scales
 # Verification support
 
 
-def _run(fn: Callable[..., Any], samples: Sequence[Sequence[torch.Tensor]]) -> list[Any]:
-    with torch.inference_mode():
-        return [fn(*s) for s in samples]
-
-
 def quantization_error(reference: Callable[..., Any], simulated: Callable[..., Any], samples: Sequence[Sequence[torch.Tensor]]):
     """Error of the simulated-int8 program against the fp32 original (``verify.Comparison``)."""
     from graphopt.verify import compare
 
-    return compare(_run(reference, samples), _run(simulated, samples))
+    return compare(run_all(reference, samples), run_all(simulated, samples))
 
 
 def lowering_error(simulated: Callable[..., Any], artifact: Callable[..., Any], samples: Sequence[Sequence[torch.Tensor]]):
     """Error of a backend's artifact against the simulated-int8 program (``verify.Comparison``)."""
     from graphopt.verify import compare
 
-    return compare(_run(simulated, samples), _run(artifact, samples))
+    return compare(run_all(simulated, samples), run_all(artifact, samples))
 
 
 @dataclass
@@ -67,7 +63,7 @@ def check_lowering(
     program's and the artifact's outputs on ``samples``, when already computed.
     """
     scales = output_scales(simulated.graph_module)
-    sims, arts = outputs if outputs is not None else (_run(simulated.run, samples), _run(artifact, samples))
+    sims, arts = outputs if outputs is not None else (run_all(simulated.run, samples), run_all(artifact, samples))
     errs: list[float] = []
     ranges: list[float] = []
     for s, a in zip(sims, arts):
@@ -188,9 +184,9 @@ def verify_int8(
     from graphopt.verify import compare
 
     # each program runs once (the kernel-exact simulation costs float64 convolutions)
-    refs = list(reference_outputs) if reference_outputs is not None else _run(reference, samples)
-    arts = list(artifact_outputs) if artifact_outputs is not None else _run(artifact.run, samples)
-    sims = _run(simulated.run, samples)
+    refs = list(reference_outputs) if reference_outputs is not None else run_all(reference, samples)
+    arts = list(artifact_outputs) if artifact_outputs is not None else run_all(artifact.run, samples)
+    sims = run_all(simulated.run, samples)
     quant, low = compare(refs, sims), compare(sims, arts)
     end_to_end = check_lowering(simulated, artifact.run, samples, steps=steps, outputs=(sims, arts))
     exact = artifact.exact_simulation

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch import nn
 from torch.fx import GraphModule, Node
 
 from graphopt.errors import DataError
+from graphopt.fx_util import get_attr
 from graphopt.program import Program, delete_unused_submodules
 from graphopt.quant.calibrate import SCHEMES, Observer, activation_qparams, calibrate, select_range
 from graphopt.quant.regions import OpKind, absorbable_activation, anchor_inputs, anchor_name, op_kind
@@ -104,18 +104,11 @@ def _shallow_copy(gm: GraphModule) -> GraphModule:
         if n.op == "call_module":
             root[str(n.target)] = gm.get_submodule(str(n.target))
         elif n.op == "get_attr":
-            root[str(n.target)] = _get_attr(gm, str(n.target))
+            root[str(n.target)] = get_attr(gm, str(n.target))
     new = GraphModule(root, graph, class_name=type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
     new.training = gm.training
     return new
-
-
-def _get_attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _fq_name(gm: GraphModule, point: str) -> str:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from graphopt.errors import PipelineError
+from graphopt.fx_util import ADD_OPS, CAT_OPS, MUL_OPS, is_relu, module_of
 from graphopt.quant.simulate import _WEIGHTED, QuantLayer, _base
 
 # ---------------------------------------------------------------------------------------
@@ -31,10 +32,6 @@ class OpKind(Enum):
     FLOAT = "float"  # runs in fp32
 
 
-_ADD = {operator.add, operator.iadd, torch.add}
-_MUL = {operator.mul, operator.imul, torch.mul}
-_CAT = {torch.cat, torch.concat, torch.concatenate}
-_RELU_FNS = {F.relu, torch.relu, torch.relu_}
 _PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.ReLU, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
 _PASS_FNS = {F.max_pool1d, F.max_pool2d, torch.flatten, operator.getitem, torch.chunk, torch.split, torch.transpose,
              torch.permute, torch.reshape, torch.squeeze, torch.unsqueeze, torch.narrow, F.relu, torch.relu, F.dropout}
@@ -56,23 +53,9 @@ def _is_tensor_node(a: Any) -> bool:
     return hasattr(tm, "dtype") and tm.dtype.is_floating_point
 
 
-def _module(gm: GraphModule, node: Node) -> nn.Module | None:
-    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-
-
-def is_relu(gm: GraphModule, n: Node) -> bool:
-    """A ReLU (module, function or method) of one tensor."""
-    m = _module(gm, n)
-    if m is not None:
-        return type(m) is nn.ReLU
-    if n.op == "call_function":
-        return n.target in _RELU_FNS and len(n.args) == 1
-    return n.op == "call_method" and n.target in ("relu", "relu_") and len(n.args) == 1
-
-
 def is_relu6(gm: GraphModule, n: Node) -> bool:
     """A ReLU6 (or hardtanh clamping to [0, 6])."""
-    m = _module(gm, n)
+    m = module_of(gm, n)
     if m is not None:
         return type(m) is nn.ReLU6 or (type(m) is nn.Hardtanh and m.min_val == 0.0 and m.max_val == 6.0)
     if n.op == "call_function" and n.target is F.relu6:
@@ -86,12 +69,12 @@ def is_relu6(gm: GraphModule, n: Node) -> bool:
 
 def is_add(n: Node) -> bool:
     """An addition (``+``, ``torch.add``, ``.add()``)."""
-    return (n.op == "call_function" and n.target in _ADD) or (n.op == "call_method" and n.target in ("add", "add_"))
+    return (n.op == "call_function" and n.target in ADD_OPS) or (n.op == "call_method" and n.target in ("add", "add_"))
 
 
 def is_cat(n: Node) -> bool:
     """A concatenation (``torch.cat`` and its aliases)."""
-    return n.op == "call_function" and n.target in _CAT
+    return n.op == "call_function" and n.target in CAT_OPS
 
 
 def op_kind(gm: GraphModule, n: Node) -> OpKind:
@@ -117,11 +100,11 @@ def op_kind(gm: GraphModule, n: Node) -> OpKind:
         return OpKind.FLOAT
     if n.op == "call_function":
         t = n.target
-        if t in _ADD or t in _MUL:
+        if t in ADD_OPS or t in MUL_OPS:
             if len(n.args) == 2 and not n.kwargs and all(_is_tensor_node(a) for a in n.args):
                 return OpKind.ANCHOR
             return OpKind.FLOAT
-        if t in _CAT:
+        if t in CAT_OPS:
             tensors = n.args[0] if n.args else n.kwargs.get("tensors")
             if isinstance(tensors, (list, tuple)) and tensors and all(_is_tensor_node(a) for a in tensors):
                 return OpKind.ANCHOR
@@ -168,7 +151,7 @@ def anchor_inputs(gm: GraphModule, n: Node) -> list[Node]:
     """The tensor inputs an anchor reads quantized."""
     if op_kind(gm, n) is OpKind.WEIGHTED or n.op == "call_module":
         return [n.args[0]] if n.args and isinstance(n.args[0], Node) else []
-    if n.op == "call_function" and n.target in _CAT:
+    if n.op == "call_function" and n.target in CAT_OPS:
         tensors = n.args[0] if n.args else n.kwargs["tensors"]
         return list(dict.fromkeys(tensors))
     return list(dict.fromkeys(a for a in n.args if isinstance(a, Node)))
@@ -213,7 +196,7 @@ def pool_window(gm: GraphModule, n: Node) -> int | None:
     adaptive pooling that does not divide the input).
     """
     shape = getattr(n.args[0].meta.get("tensor_meta"), "shape", None) if n.args and isinstance(n.args[0], Node) else None
-    m = _module(gm, n)
+    m = module_of(gm, n)
     if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)) or n.target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
         dims = 1 if isinstance(m, nn.AdaptiveAvgPool1d) or n.target is F.adaptive_avg_pool1d else 2
         out = m.output_size if m is not None else (n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size"))

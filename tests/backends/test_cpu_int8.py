@@ -21,39 +21,20 @@ from graphopt.errors import ArtifactError, UsageError
 from graphopt.pipeline import PassManager, parse_pipeline
 from graphopt.program import Program
 from graphopt.quant import ActFakeQuant, check_lowering, check_lowering_local
+from tests.backends.conftest import compile_zoo
 
 QUANTIZED_LAYERS = (nnq.Conv2d, nnq.Linear, nniq.ConvReLU2d, nniq.LinearReLU)
 
 
-def compile_zoo(host, name: str, *, pipeline: str | None = None, engine: str | None = None, size: int = 48):
-    """(fp32 model, simulated program, artifact, evaluation samples) at a small input size."""
-    model = zoo.build(name)
-    full = zoo.get(name).input_shape
-    shape = full if name == "digits_cnn" else (1, 3, size, size)
-    batch = 8 if name == "digits_cnn" else 2
-    g = torch.Generator().manual_seed(0)
-    program = Program(torch.fx.symbolic_trace(model), (torch.randn(shape, generator=g),))
-    program.propagate_shapes()
-    program.calibration = [(torch.randn((batch, *shape[1:]), generator=g),) for _ in range(3)]
-    if engine:
-        program.meta["backend_options"] = {"engine": engine}
-    spec = host.targets.get("cpu-int8")
-    PassManager(parse_pipeline(pipeline or spec.pipeline, host.passes)).run(program)
-    artifact = spec.backend.lower(program, spec)
-    samples = [(torch.randn(shape, generator=g),) for _ in range(2)]
-    return model, program, artifact, samples
+def compile_int8(host, name: str, *, engine: str | None = None, pipeline: str | None = None, size: int = 48):
+    """A zoo model through cpu-int8 (3 calibration batches of 2, of 8 for the digits CNN)."""
+    return compile_zoo(host, name, "cpu-int8", pipeline=pipeline, size=size, calibration=(3, 8 if name == "digits_cnn" else 2),
+                       backend_options={"engine": engine} if engine else None)
 
 
 @pytest.fixture(scope="module")
-def compiled(host):
-    cache: dict[str, tuple] = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = compile_zoo(host, name)
-        return cache[name]
-
-    return get
+def compiled(lowered_zoo):
+    return lambda name: lowered_zoo(name, "cpu-int8", calibration=(3, 8 if name == "digits_cnn" else 2))
 
 
 def test_target_is_registered(host):
@@ -91,7 +72,7 @@ def test_every_zoo_model_matches_the_simulation_end_to_end(compiled, name):
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2"])
 def test_end_to_end_exact_at_batch_4_and_another_size(host, name):
     """Kernel paths change with the shape (oneDNN's implementation, pool vectorization)."""
-    _, program, artifact, samples = compile_zoo(host, name, size=72)
+    _, program, artifact, samples = compile_int8(host, name, size=72)
     batch = [(torch.cat([s[0] for s in samples] * 2),)]
     assert check_lowering(program, artifact.run, batch).max_abs_err == [0.0]
 
@@ -131,7 +112,7 @@ def test_se_resnet_islands_and_mobilenet_relu6(compiled):
 
 
 def test_skipped_layer_is_an_fp32_island(host):
-    model, program, artifact, samples = compile_zoo(host, "resnet18", pipeline="fuse-conv-bn-relu,insert-quant-stubs{skip=[fc]},dce")
+    model, program, artifact, samples = compile_int8(host, "resnet18", pipeline="fuse-conv-bn-relu,insert-quant-stubs{skip=[fc]},dce")
     gm = artifact.graph_module
     assert type(gm.get_submodule("fc")) is nn.Linear
     (fc,) = [n for n in gm.graph.nodes if n.target == "fc"]
@@ -231,7 +212,7 @@ def test_lowering_starts_from_plain_fake_quantization(host):
     are cleared: the cpu-int8 simulation is the same as on a fresh program."""
     from graphopt.backends.ort import OrtRounding
 
-    _, program, artifact, samples = compile_zoo(host, "resnet18")
+    _, program, artifact, samples = compile_int8(host, "resnet18")
     fresh = [program.run(*s) for s in samples]
     for m in program.graph_module.modules():
         if isinstance(m, ActFakeQuant):
@@ -255,7 +236,7 @@ def test_int8_artifact_is_small(compiled, tmp_path):
 def test_engines(host, engine):
     if engine not in torch.backends.quantized.supported_engines:
         pytest.skip(f"{engine} not in this torch build")
-    _, program, artifact, samples = compile_zoo(host, "digits_cnn", engine=engine)
+    _, program, artifact, samples = compile_int8(host, "digits_cnn", engine=engine)
     assert artifact.engine == engine
     assert check_lowering(program, artifact.run, samples).max_abs_err == [0.0]
     assert check_lowering_local(program, artifact.graph_module, artifact.points, samples[:1]).ok
@@ -269,7 +250,7 @@ def test_depthwise_convs_are_packed_for_onednn(compiled):
 
 
 def test_s8_program_is_rederived_for_the_cpu(host):
-    _, program, artifact, samples = compile_zoo(host, "digits_cnn", pipeline="fuse-conv-bn-relu,insert-quant-stubs{activations=s8}")
+    _, program, artifact, samples = compile_int8(host, "digits_cnn", pipeline="fuse-conv-bn-relu,insert-quant-stubs{activations=s8}")
     assert program.meta["quant"].config.activations == "u8"
     assert any("re-derived" in r for r in artifact.stats["rederived"])
     assert check_lowering(program, artifact.run, samples).ok
@@ -280,7 +261,7 @@ def test_cpus_without_vnni_get_7_bit_activations(host, monkeypatch):
     import graphopt.backends.cpu_int8 as backend
 
     monkeypatch.setattr(backend, "cpu_has_vnni", lambda: False)
-    _, program, artifact, samples = compile_zoo(host, "digits_cnn", engine="fbgemm")
+    _, program, artifact, samples = compile_int8(host, "digits_cnn", engine="fbgemm")
     assert program.meta["quant"].config.reduce_range is True
     assert all(e["quant_max"] == 127 for e in program.meta["quant"].activations.values())
     assert check_lowering_local(program, artifact.graph_module, artifact.points, samples[:1]).ok
@@ -291,7 +272,7 @@ def test_errors(host, tmp_path):
     plain = Program(torch.fx.symbolic_trace(zoo.build("digits_cnn")), (torch.randn(1, 1, 8, 8),))
     with pytest.raises(UsageError, match="put insert-quant-stubs in the pipeline"):
         spec.backend.lower(plain, spec)
-    _, program, artifact, _ = compile_zoo(host, "digits_cnn")
+    _, program, artifact, _ = compile_int8(host, "digits_cnn")
     program.meta["backend_options"] = {"engine": "avx9000"}
     with pytest.raises(UsageError, match="unknown quantized engine 'avx9000'"):
         spec.backend.lower(program, spec)

@@ -23,7 +23,7 @@ from onnx import numpy_helper  # noqa: E402
 
 from graphopt import zoo  # noqa: E402
 from graphopt.errors import ArtifactError, BackendUnavailableError, UsageError  # noqa: E402
-from graphopt.pipeline import PassManager, parse_pipeline  # noqa: E402
+from graphopt.pipeline import parse_pipeline  # noqa: E402
 from graphopt.program import Program, flatten_outputs  # noqa: E402
 from graphopt.quant import (  # noqa: E402
     check_lowering,
@@ -38,37 +38,13 @@ U8_PIPELINE = "fuse-conv-bn-relu,insert-quant-stubs{activations=u8},dce"
 S8_PIPELINE = "fuse-conv-bn-relu,insert-quant-stubs{activations=s8},dce"
 
 
-def _shape(name: str, size: int) -> tuple[int, ...]:
-    return zoo.get(name).input_shape if name == "digits_cnn" else (1, 3, size, size)
-
-
-def lower_zoo(host, name: str, target: str, *, pipeline: str | None = None, size: int = 48, seed: int = 0):
-    """(fp32 model, optimized program, artifact, evaluation samples) for a zoo model at a small size."""
-    model = zoo.build(name)
-    shape = _shape(name, size)
-    g = torch.Generator().manual_seed(seed)
-    program = Program(torch.fx.symbolic_trace(model), (torch.randn(shape, generator=g),))
-    program.propagate_shapes()
-    program.calibration = [(torch.randn(shape, generator=g),) for _ in range(4)]
-    # One ORT thread: no idle pool threads spinning against torch's between the
-    # interleaved runs of the checks (on a busy 2-core machine that costs seconds).
-    program.meta["backend_options"] = {"threads": 1}
-    spec = host.targets.get(target)
-    PassManager(parse_pipeline(pipeline or spec.pipeline, host.passes)).run(program)
-    artifact = spec.backend.lower(program, spec)
-    samples = [(torch.randn(shape, generator=g),) for _ in range(2)]
-    return model, program, artifact, samples
-
-
 @pytest.fixture(scope="module")
-def lowered(host):
-    cache: dict[tuple, tuple] = {}
+def lowered(lowered_zoo):
+    """A zoo model lowered for an ORT target; one ORT thread: no idle pool threads spinning against
+    torch's between the interleaved runs of the checks (on a busy 2-core machine that costs seconds)."""
 
     def get(name: str, target: str = "ort-int8", pipeline: str | None = None, size: int = 48):
-        key = (name, target, pipeline, size)
-        if key not in cache:
-            cache[key] = lower_zoo(host, name, target, pipeline=pipeline, size=size)
-        return cache[key]
+        return lowered_zoo(name, target, pipeline=pipeline, size=size, backend_options={"threads": 1})
 
     return get
 
@@ -265,9 +241,9 @@ def test_int8_unmodelled_ops_are_listed_and_not_claimed_exact(lowered):
 def test_qlinear_add_is_computed_from_the_operands_integers():
     """MLAS QLinearAdd on every pair of input integers, 20 qparam sets (half with ties):
     the simulation's QLinearAdd equals it; adding the dequantized values does not."""
-    from graphopt.backends.ort import OrtRounding, QLinearAdd
     from onnx import TensorProto, helper
 
+    from graphopt.backends.ort import OrtRounding, QLinearAdd
     from graphopt.quant import ActFakeQuant, QParams
     from tests.conftest import binary_qparams
 
@@ -301,9 +277,9 @@ def test_qlinear_add_is_computed_from_the_operands_integers():
 def test_onnx_quantize_linear_divides_by_the_scale():
     """QuantizeLinear rounds x / scale (fake-quantization multiplies by 1/scale): on exact
     and near ties the "onnx" rounding matches ONNX Runtime, the plain one does not."""
-    from graphopt.backends.ort import OrtRounding
     from onnx import TensorProto, helper
 
+    from graphopt.backends.ort import OrtRounding
     from graphopt.quant import ActFakeQuant, QParams
 
     g = torch.Generator().manual_seed(0)

@@ -20,7 +20,6 @@ from tests.conftest import program_of
 from tests.passes.test_prune_channels import assert_same, small_shape, zoo_program
 
 
-
 def dense_convs(program: Program) -> dict[str, nn.Conv2d]:
     """Dense KxK convs the graph calls (inside fused modules too)."""
     gm = program.graph_module
