@@ -23,6 +23,7 @@ from torch.fx import Graph, GraphModule, Node
 from graphopt.capture.common import first_line
 from graphopt.errors import ArtifactError
 from graphopt.quant import silence_quantized_deprecation
+from graphopt.targets import read_json_document
 
 __all__ = ["save_graph", "load_graph"]
 
@@ -363,14 +364,7 @@ def load_graph(directory: Path, engine: str) -> tuple[GraphModule, dict[str, str
     for p in (gpath, wpath):
         if not p.is_file():
             raise ArtifactError(f"artifact '{directory}' is missing {p.name}")
-    try:
-        doc = json.loads(gpath.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"'{gpath}' is unreadable: {first_line(exc)}") from None
-    if not isinstance(doc, dict):
-        raise ArtifactError(f"'{gpath}' holds a {type(doc).__name__}, not a graphopt cpu-int8 graph")
-    if doc.get("format") != GRAPH_FORMAT:
-        raise ArtifactError(f"'{gpath}' has format {doc.get('format')!r}, expected '{GRAPH_FORMAT}'")
+    doc = read_json_document(gpath, GRAPH_FORMAT, "a graphopt cpu-int8 graph")
     silence_quantized_deprecation()
     tensors = _read_tensors(wpath)
     try:

@@ -73,9 +73,8 @@ from graphopt.quant import (
 )
 from graphopt.targets import Artifact, BackendOption, TargetSpec, manifest_inputs, register_target
 
-#: Measured with bench/measure_cpu_int8.py (batch 1, 224x224, 2 cores of an AMD EPYC with
-#: AVX512-VNNI, medians of 30): x86 6.4 ms vs fbgemm 7.0 ms on resnet18, 18.8 vs 22.4 ms on
-#: resnet50. x86 picks fbgemm or oneDNN per layer, so it is the default where supported.
+#: x86 picks fbgemm or oneDNN per layer; it measured fastest on the machines we ran
+#: (``bench/measure_cpu_int8.py``; figures in ``bench/README.md``), so it is the default where supported.
 DEFAULT_ENGINE = "x86"
 
 

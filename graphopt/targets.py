@@ -204,6 +204,19 @@ class TargetRegistry(Registry[TargetSpec]):
         super().__init__("target", UsageError)
 
 
+def read_json_document(path: Path, fmt: str, what: str) -> dict[str, Any]:
+    """A JSON object whose ``format`` is ``fmt`` (a manifest, a graph file); otherwise one-line ArtifactError."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"'{path}' is unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"'{path}' holds a JSON {type(doc).__name__}, not {what}")
+    if doc.get("format") != fmt:
+        raise ArtifactError(f"'{path}' has format {doc.get('format')!r}, expected '{fmt}'")
+    return doc
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / MANIFEST
@@ -211,14 +224,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"artifact folder '{directory}' does not exist")
     if not path.is_file():
         raise ArtifactError(f"'{directory}' is not a graphopt artifact: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"'{path}' is unreadable: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"'{path}' is a JSON {type(manifest).__name__}, expected an object")
-    if manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"'{path}' has format {manifest.get('format')!r}, expected '{ARTIFACT_FORMAT}'")
+    manifest = read_json_document(path, ARTIFACT_FORMAT, "a graphopt artifact manifest")
     for key in ("target", "precision"):
         if not isinstance(manifest.get(key), str):
             raise ArtifactError(f"'{path}': '{key}' is {manifest.get(key)!r}, expected a name")

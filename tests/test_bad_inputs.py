@@ -216,7 +216,7 @@ ROWS = [
     pytest.param("no-inputs", VERIFY, 2, ["artifact.json", "'inputs' is None"], id="manifest-no-inputs"),
     pytest.param("manifest-list", VERIFY, 2, ["artifact.json", "JSON list"], id="manifest-a-list"),
     pytest.param("huge-input", VERIFY, 2, ["artifact.json", "limit per input"], id="manifest-huge-shape"),
-    pytest.param("graph-json-list", VERIFY, 2, ["graph.json", "holds a list"], id="graph-json-a-list"),
+    pytest.param("graph-json-list", VERIFY, 2, ["graph.json", "holds a JSON list, not a graphopt cpu-int8 graph"], id="graph-json-a-list"),
     pytest.param("samples-abc", VERIFY_BAD, 2, ["bad.npz", "'samples' is 'abc'"], id="golden-samples-abc"),
     pytest.param("meta-list", VERIFY_BAD, 2, ["bad.npz", "JSON list"], id="golden-meta-list"),
     pytest.param("float64", VERIFY_BAD, 2, ["bad.npz", "float64", "expects [1, 1, 8, 8] float32"],

@@ -70,6 +70,7 @@ def test_the_readme_has_its_examples():
 
 
 @pytest.mark.parametrize("group", _groups(), ids=lambda g: shlex.split(g[0])[1] + ":" + shlex.split(g[0])[2])
+@pytest.mark.slow
 def test_quickstart_and_examples_run(tmp_path, group):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     for cmd in group:
