@@ -527,18 +527,11 @@ class OrtBackend:
         return art
 
 
-ort_fp32 = register_target(
-    "ort-fp32",
-    backend=OrtBackend("fp32"),
-    precision="fp32",
-    pipeline="fuse-conv-bn-relu,dce",
-    doc="ONNX Runtime on the CPU, fp32 (ORT_ENABLE_ALL); model.onnx",
-)
+def _target(precision: str, pipeline: str, doc: str):
+    return register_target(f"ort-{precision}", backend=OrtBackend(precision), precision=precision, pipeline=pipeline, doc=doc)
 
-ort_int8 = register_target(
-    "ort-int8",
-    backend=OrtBackend("int8"),
-    precision="int8",
-    pipeline="fuse-conv-bn-relu,insert-quant-stubs{activations=u8},dce",
-    doc="ONNX Runtime on the CPU, int8 QDQ model from graphopt's calibration (u8 activations, s8 per-channel weights); model.onnx",
-)
+
+ort_fp32 = _target("fp32", "fuse-conv-bn-relu,dce", "ONNX Runtime on the CPU, fp32 (ORT_ENABLE_ALL); model.onnx")
+ort_int8 = _target("int8", "fuse-conv-bn-relu,insert-quant-stubs{activations=u8},dce",
+                   "ONNX Runtime on the CPU, int8 QDQ model from graphopt's calibration (u8 activations, s8 per-channel weights); "
+                   "model.onnx")

@@ -36,6 +36,14 @@ class GraphoptError(Exception):
     exit_code: int = EXIT_BAD_INPUT
     kind: str = "error"
 
+    def __init_subclass__(cls, kind: str | None = None, exit_code: int | None = None, **kwargs: object) -> None:
+        """``class UsageError(GraphoptError, kind="usage error")``: the kind and exit code where the class is named."""
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            cls.kind = kind
+        if exit_code is not None:
+            cls.exit_code = exit_code
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
@@ -44,53 +52,36 @@ class GraphoptError(Exception):
         return self.message
 
 
-class UsageError(GraphoptError):
+class UsageError(GraphoptError, kind="usage error"):
     """A bad option or argument."""
 
-    kind = "usage error"
 
-
-class CaptureError(GraphoptError):
+class CaptureError(GraphoptError, kind="capture error"):
     """The model source could not be turned into a Program."""
 
-    kind = "capture error"
 
-
-class PipelineError(GraphoptError):
+class PipelineError(GraphoptError, kind="pipeline error"):
     """A pipeline text or a pass option is wrong, or a pass name is unknown."""
 
-    kind = "pipeline error"
 
-
-class PluginError(GraphoptError):
+class PluginError(GraphoptError, kind="plugin error"):
     """A plugin could not be loaded or registers something twice."""
 
-    kind = "plugin error"
 
-
-class DataError(GraphoptError):
+class DataError(GraphoptError, kind="data error"):
     """Calibration or verification data is missing or does not fit the model."""
 
-    kind = "data error"
 
-
-class ArtifactError(GraphoptError):
+class ArtifactError(GraphoptError, kind="artifact error"):
     """A saved artifact or golden file is missing or unreadable."""
 
-    kind = "artifact error"
 
-
-class LoweringError(GraphoptError):
+class LoweringError(GraphoptError, kind="lowering error"):
     """A backend cannot express the optimized program (names the node or layer at fault)."""
 
-    kind = "lowering error"
 
-
-class PassError(GraphoptError):
+class PassError(GraphoptError, kind="pass error", exit_code=EXIT_PASS_FAILED):
     """A pass raised or left a broken graph; names the pass and the ones before it."""
-
-    kind = "pass error"
-    exit_code = EXIT_PASS_FAILED
 
     def __init__(self, pass_name: str, before: list[str], cause: BaseException | str) -> None:
         self.pass_name = pass_name
@@ -103,18 +94,12 @@ class PassError(GraphoptError):
         )
 
 
-class BackendUnavailableError(GraphoptError):
+class BackendUnavailableError(GraphoptError, kind="backend unavailable", exit_code=EXIT_BACKEND_UNAVAILABLE):
     """The target's backend cannot run on this machine (missing library or device)."""
 
-    kind = "backend unavailable"
-    exit_code = EXIT_BACKEND_UNAVAILABLE
 
-
-class VerificationError(GraphoptError):
+class VerificationError(GraphoptError, kind="verification failed", exit_code=EXIT_VERIFICATION):
     """The compiled model does not compute what the original did, within tolerance."""
-
-    kind = "verification failed"
-    exit_code = EXIT_VERIFICATION
 
     def __init__(self, message: str, report: object | None = None) -> None:
         super().__init__(message)
