@@ -219,6 +219,9 @@ class ChannelAnalysis:
     shuffles: list[ShuffleUse]
     reasons: dict[int, str] = field(default_factory=dict)  # root -> why it is blocked/protected
     selects: list[SelectUse] = field(default_factory=list)
+    #: ``F.layer_norm`` calls over the channels (an nn.LayerNorm subclass's forward): their
+    #: ``normalized_shape`` argument is rewritten to the kept count
+    norm_calls: list[tuple[Node, np.ndarray]] = field(default_factory=list)
 
     def group(self, name: str) -> ChannelGroup:
         for g in self.groups:
@@ -284,6 +287,7 @@ class _Walker:
         self.slices: list[SliceUse] = []
         self.shuffles: list[ShuffleUse] = []
         self.selects: list[SelectUse] = []
+        self.norm_calls: list[tuple[Node, np.ndarray]] = []
         self.marks: list[tuple[np.ndarray, str]] = []  # (elements, reason) blocked or protected
         self.axes: dict[Node, int] = {}  # tensors whose channels are not on axis 1
         self.done: set[Node] = set()  # nodes already given values by a pattern (shuffle)
@@ -409,7 +413,8 @@ class _Walker:
         if parts is not None:
             return self.visit_layer(node, name, *parts)
         if isinstance(module, nn.LayerNorm):
-            return self.layer_norm(node, name, module, src)
+            self.layer_norm(node, name, module.normalized_shape, src, len(node.args) == 1 and not node.kwargs)
+            return
         moved_to = self.moved_off(node)
         if moved_to is not None and not isinstance(module, _ELEMENTWISE):
             return self.opaque(node, f"{type(module).__name__} on channels moved to axis {moved_to}")
@@ -431,21 +436,41 @@ class _Walker:
                 return self.passthrough(node, src)
         self.opaque(node, type(module).__name__)
 
-    def layer_norm(self, node: Node, name: str, module: nn.LayerNorm, src: Any) -> None:
-        """LayerNorm over the channel axis alone: its weight and bias are sliced with the channels
-        (it then normalizes over the kept ones); over other axes only: the channels pass."""
+    def layer_norm(self, node: Node, name: str | None, normalized_shape: Any, src: Any, plain: bool = True) -> bool:
+        """LayerNorm over the channel axis alone: the weight and bias of module ``name`` are sliced
+        with the channels (it then normalizes over the kept ones); over other axes only: the
+        channels pass. True when it normalizes over the channels."""
         ids, shape, a = self.ids(src), _shape(src), self.axis(src)
         if ids is None and not self._touches_channels(node):
-            return self.generic(node)
-        if ids is None or shape is None or len(node.args) != 1 or node.kwargs:
-            return self.opaque(node, "LayerNorm not understood")
-        normalized = len(module.normalized_shape)
-        if a < len(shape) - normalized:
-            return self.passthrough(node, src)
-        if normalized != 1 or a != len(shape) - 1 or module.normalized_shape[0] != len(ids):
-            return self.opaque(node, "LayerNorm over the channels and other dimensions")
+            self.generic(node)
+            return False
+        normalized = tuple(normalized_shape) if isinstance(normalized_shape, (list, tuple)) else ()
+        if ids is None or shape is None or not plain or not normalized:
+            self.opaque(node, "LayerNorm not understood")
+            return False
+        if a < len(shape) - len(normalized):
+            self.passthrough(node, src)
+            return False
+        if len(normalized) != 1 or a != len(shape) - 1 or normalized[0] != len(ids) or name is None:
+            self.opaque(node, "LayerNorm over the channels and other dimensions, or without its module")
+            return False
         self.record_norm(name, ids)
         self.passthrough(node, src)
+        return True
+
+    def functional_layer_norm(self, node: Node, args: tuple, kwargs: dict) -> None:
+        """``F.layer_norm(x, shape, weight, bias, eps)`` as a LayerNorm subclass's forward calls it
+        (ConvNeXt's LayerNorm2d; traced, its module is a plain holder of ``weight`` and ``bias``):
+        the holder's parameters are sliced, the shape argument rewritten."""
+        keys = ("input", "normalized_shape", "weight", "bias")
+        src, normalized, *params = [args[k] if len(args) > k else kwargs.get(key) for k, key in enumerate(keys)]
+        owner = str(params[0].target).rpartition(".")[0] if isinstance(params[0], Node) else None
+        module = getattr_path(self.gm, owner) if owner and params[0].op == "get_attr" else None
+        plain = isinstance(module, nn.Module) and all(
+            isinstance(p, Node) and p.op == "get_attr" and str(p.target) == f"{owner}.{attr}"
+            for p, attr in zip(params, ("weight", "bias")))
+        if self.layer_norm(node, owner if plain else None, normalized, src):
+            self.norm_calls.append((node, self.values[node]))
 
     def record_norm(self, name: str, ids: np.ndarray) -> None:
         if name in self.norms:
@@ -523,6 +548,8 @@ class _Walker:
             return self.getitem(node, src_value, args[1])
         if name in ("size", "getattr") or (name == "dim" and is_method):
             return self.size(node, src, src_value, args, kwargs)
+        if name == "layer_norm" and not is_method:
+            return self.functional_layer_norm(node, args, kwargs)
         moved_to = self.moved_off(node)
         if moved_to is not None and (name in ("chunk", "split", "index_select", "pad") or name in _SPATIAL_NAMES):
             return self.opaque(node, f"{name} on channels moved to axis {moved_to}")
@@ -843,8 +870,9 @@ class _Walker:
                     if _name(user.target) not in _BINARY:
                         for r in roots[ids].tolist():
                             reasons.setdefault(r, f"blocked by node '{user.name}' (uses parameter '{name}')")
+        calls = {n for n, _ in self.norm_calls}
         for node in self.gm.graph.nodes:  # a layer's weights read directly: its channels stay
-            if node.op != "get_attr":
+            if node.op != "get_attr" or node.users and set(node.users) <= calls:
                 continue
             target = str(node.target)
             sliced = [(n, [layer.in_ids, layer.out_ids]) for n, layer in self.layers.items()] + [(n, [i]) for n, i in self.norms.items()]
@@ -881,7 +909,7 @@ class _Walker:
                 blocked=blocked,
             ))
         return ChannelAnalysis(self.gm, groups, roots, self.values, self.layers, self.norms, self.attrs,
-                               self.splits, self.slices, self.shuffles, reasons, self.selects)
+                               self.splits, self.slices, self.shuffles, reasons, self.selects, self.norm_calls)
 
 
 def analyze(gm: GraphModule) -> ChannelAnalysis:

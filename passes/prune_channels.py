@@ -160,8 +160,9 @@ def _slice_norm(bn: nn.Module, keep: np.ndarray) -> None:
         p = getattr(bn, attr)
         if p is not None:
             setattr(bn, attr, _param(p, p.detach()[m]))
-    if isinstance(bn, nn.LayerNorm):  # over the channels alone: it normalizes over the kept ones
-        bn.normalized_shape = (int(keep.sum()),)
+    if not isinstance(bn, _BNS):  # a LayerNorm over the channels alone: it normalizes over the kept ones
+        if isinstance(bn, nn.LayerNorm):
+            bn.normalized_shape = (int(keep.sum()),)
         return
     for attr in ("running_mean", "running_var"):
         b = getattr(bn, attr)
@@ -214,6 +215,12 @@ def _rewrite_nodes(gm: GraphModule, analysis: ChannelAnalysis, pruned: np.ndarra
         parts = list(index)
         parts[1] = slice(start, stop)
         use.node.args = (src, tuple(parts))
+    for node, ids in analysis.norm_calls:  # F.layer_norm(x, (C,), ...): the new C
+        kept = (int(analysis.keep(ids, pruned).sum()),)
+        if len(node.args) > 1:
+            node.args = (node.args[0], kept, *node.args[2:])
+        else:
+            node.kwargs = {**node.kwargs, "normalized_shape": kept}
     for use in analysis.selects:
         keep_in = analysis.keep(use.in_ids, pruned)
         if keep_in.all():

@@ -71,16 +71,33 @@ class KeptLayerNorm(nn.Module):
     """The reference for a LayerNorm(C) that loses channels: statistics over the kept ones only
     (what the pruned LayerNorm computes); the dropped ones (affine zeroed) come out as zero."""
 
-    def __init__(self, norm: nn.LayerNorm, dropped: set[int]):
+    def __init__(self, norm: nn.Module, dropped: set[int], eps: float):
         super().__init__()
-        self.norm = norm
-        self.keep = torch.tensor([c not in dropped for c in range(norm.normalized_shape[0])])
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, eps
+        self.keep = torch.tensor([c not in dropped for c in range(len(norm.weight))])
 
     def forward(self, x):
         k = self.keep
         out = torch.zeros_like(x)
-        out[..., k] = F.layer_norm(x[..., k], (int(k.sum()),), self.norm.weight[k], self.norm.bias[k], self.norm.eps)
+        out[..., k] = F.layer_norm(x[..., k], (int(k.sum()),), self.weight[k], self.bias[k], self.eps)
         return out
+
+
+def keep_layer_norms(gm: torch.fx.GraphModule, lost: dict[str, set[int]]) -> None:
+    """Make each LayerNorm that loses channels a :class:`KeptLayerNorm`, whether the graph calls the
+    module or ``F.layer_norm`` with its weight (a LayerNorm subclass's forward, traced)."""
+    for name, channels in lost.items():
+        norm = gm.get_submodule(name)
+        set_module(gm, name, KeptLayerNorm(norm, channels, getattr(norm, "eps", 0.0)))
+        for node in list(gm.graph.nodes):
+            weight = node.kwargs.get("weight", node.args[2] if len(node.args) > 2 else None)
+            if node.target is F.layer_norm and getattr(weight, "target", None) == f"{name}.weight":
+                gm.get_submodule(name).eps = node.kwargs.get("eps", node.args[4] if len(node.args) > 4 else 1e-5)
+                with gm.graph.inserting_before(node):
+                    node.replace_all_uses_with(gm.graph.call_module(name, (node.args[0],)))
+                gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
 
 
 def zero_units(program: Program, group: ChannelGroup, units: list[int], dropped: dict[str, set[int]]) -> None:
@@ -98,7 +115,7 @@ def zero_units(program: Program, group: ChannelGroup, units: list[int], dropped:
                 bn = gm.get_submodule(bn_name)
                 bn.weight[list(channels)] = 0
                 bn.bias[list(channels)] = 0
-                if isinstance(bn, nn.LayerNorm):
+                if not isinstance(bn, nn.modules.batchnorm._BatchNorm):  # a LayerNorm (or F.layer_norm's holder)
                     dropped.setdefault(bn_name, set()).update(channels)
 
 
@@ -146,8 +163,7 @@ def zero_and_prune(program: Program, pick) -> tuple[torch.Tensor, torch.Tensor, 
     for group in result.data["groups"]:
         for name, channels in dropped.get(group["name"], {}).items() if group["status"] == "pruned" else ():
             lost.setdefault(name, set()).update(channels)
-    for name, channels in lost.items():
-        set_module(reference.graph_module, name, KeptLayerNorm(reference.graph_module.get_submodule(name), channels))
+    keep_layer_norms(reference.graph_module, lost)
     ref = reference.run(*x)
     return out, ref, {"result": result, "blocked": blocked, "before": before, "analysis": analysis}
 
@@ -432,15 +448,12 @@ def test_pruning_twice_reindexes_the_pruned_shuffle():
 # --------------------------------------------------------------------------- layout changes
 
 
-class ChannelsLastNorm(nn.Module):
-    """LayerNorm over the channels of an NCHW map, by permuting to NHWC and back."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(c)
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map through NHWC, as torchvision writes it: traced,
+    it becomes permute -> ``F.layer_norm`` reading this module's weight and bias -> permute."""
 
     def forward(self, x):
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class ConvNeXtStyle(nn.Module):
@@ -449,10 +462,10 @@ class ConvNeXtStyle(nn.Module):
 
     def __init__(self, dims=(16, 32), depths=(2, 2), num_classes=10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), ChannelsLastNorm(dims[0]))
+        self.stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), LayerNorm2d(dims[0]))
         stages = []
         for i, (d, n) in enumerate(zip(dims, depths)):
-            down = [ChannelsLastNorm(dims[i - 1]), nn.Conv2d(dims[i - 1], d, 2, stride=2)] if i else []
+            down = [LayerNorm2d(dims[i - 1]), nn.Conv2d(dims[i - 1], d, 2, stride=2)] if i else []
             stages.append(nn.Sequential(*down, *[ConvNeXtBlock(d) for _ in range(n)]))
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -520,7 +533,8 @@ def test_convnext_ratio_0_3_cuts_a_quarter_of_the_macs_and_lowers(host):
             assert block.pwconv1.out_features == block.pwconv2.in_features == 4 * c - round(0.3 * 4 * c)
             assert block.gamma.shape == (kept,)
     module = gm.get_submodule
-    assert module("stem.1.norm").normalized_shape == module("stages.1.0.norm").normalized_shape == (11,)
+    assert module("stem.1").weight.shape == module("stages.1.0").bias.shape == (11,)  # LayerNorm2d: F.layer_norm
+    assert [n.args[1] for n in gm.graph.nodes if n.target is F.layer_norm] == [(11,), (11,)]
     assert module("stages.1.1").in_channels == 11 and gm.norm.normalized_shape == (22,) and gm.head.in_features == 22
     assert gm.head.out_features == 10
     # the pruned model runs and its cpu-fp32 lowering computes what it computes
