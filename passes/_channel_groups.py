@@ -11,13 +11,20 @@ union-find; two elements are joined when they must be removed together:
 * a depthwise conv (one input channel per group) joins input channel i with its output
   channels; a grouped conv joins the same local index across its groups (on each side);
 * flatten into a Linear repeats each channel over its ``H*W`` features;
+* ``permute``/``transpose``/``flatten``/``view`` may move the channels to another axis: every
+  tracked tensor records its channel axis (:mod:`graphopt.passes._channel_layout`), so a
+  channels-last ``LayerNorm(C)`` is sliced with them, a ``Linear`` on the channel axis
+  consumes them and produces a new group (the ConvNeXt / MLP-mixer MLP), and a ``Linear``
+  on another axis (MLP-mixer token mixing) leaves them where they are;
 * a module called from several places joins its channels across the call sites;
 * a parameter or buffer in an elementwise op (a layer-scale ``[C, 1, 1]``) is sliced
   with the channels it meets; ``index_select`` on dim 1 (a pruned shuffle) re-indexes.
 
-Reductions and softmax over the channels, ``permute``/``view`` that move or fix them,
-LayerNorm/GroupNorm/PReLU, transposed and functional convs, and anything else unknown
-*block*.
+Reductions and softmax over the channels, ``view``/``reshape`` that fix the channel count or
+interleave the channels with another axis, ``permute`` that moves the batch, spatial ops
+(pooling, convs, slicing, split) on channels that are not on axis 1, LayerNorm over the
+channels and other axes, GroupNorm/PReLU, transposed and functional convs, and anything
+else unknown *block*.
 
 A *unit* is one union-find class: removing it removes one channel (or a few tied ones)
 from every tensor it touches. Units are grouped by the set of layers that produce them
@@ -30,7 +37,6 @@ never removed) and names the node; graph inputs and outputs are *protected*.
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,14 +46,20 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from graphopt.passes._channel_layout import flattened, moved, reduced, reshaped
+
 __all__ = ["ChannelGroup", "ChannelAnalysis", "analyze", "module_parts"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_PASS_MODULES = (
+#: modules that act on every element alone: the only ones allowed on channels moved off axis 1
+_ELEMENTWISE = (
     nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Hardswish, nn.SiLU, nn.GELU, nn.Tanh, nn.LeakyReLU,
     nn.ELU, nn.SELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)  # fmt: skip
+_PASS_MODULES = (
+    *_ELEMENTWISE,
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
@@ -65,6 +77,9 @@ _PASS_NAMES = {
     "interpolate", "upsample", "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "contiguous", "clone",
     "detach", "abs", "neg", "float", "to", "type_as",
 }  # fmt: skip
+#: of those, the ones that look at the spatial layout (NCHW): not allowed on moved channels
+_SPATIAL_NAMES = {n for n in _PASS_NAMES if "pool" in n or n.startswith("dropout") and n[-2:] in ("1d", "2d", "3d")}
+_SPATIAL_NAMES |= {"interpolate", "upsample"}
 _BINARY = {"add", "sub", "mul", "truediv", "div", "maximum", "minimum", "add_", "sub_", "mul_", "div_",
            "iadd", "isub", "imul", "itruediv", "__add__", "__sub__", "__mul__", "__truediv__",
            "__radd__", "__rmul__"}
@@ -102,6 +117,7 @@ class _Size:
 
     ids: np.ndarray
     dim: int  # the rank of x
+    axis: int = 1  # where x carries its channels
 
 
 @dataclass(frozen=True)
@@ -174,7 +190,7 @@ class ChannelGroup:
     units: list[int]  # union-find roots, in the first producer's channel order
     #: per unit: producing layer -> its output channel indices in this unit
     outputs: list[dict[str, tuple[int, ...]]]
-    #: per unit: BatchNorm module -> its channel indices in this unit
+    #: per unit: BatchNorm / LayerNorm module -> its channel indices in this unit
     norms: list[dict[str, tuple[int, ...]]]
     blocked: str = ""  # why the group must be left alone ("" when it may be pruned)
 
@@ -203,6 +219,9 @@ class ChannelAnalysis:
     shuffles: list[ShuffleUse]
     reasons: dict[int, str] = field(default_factory=dict)  # root -> why it is blocked/protected
     selects: list[SelectUse] = field(default_factory=list)
+    #: ``F.layer_norm`` calls over the channels (an nn.LayerNorm subclass's forward): their
+    #: ``normalized_shape`` argument is rewritten to the kept count
+    norm_calls: list[tuple[Node, np.ndarray]] = field(default_factory=list)
 
     def group(self, name: str) -> ChannelGroup:
         for g in self.groups:
@@ -268,7 +287,9 @@ class _Walker:
         self.slices: list[SliceUse] = []
         self.shuffles: list[ShuffleUse] = []
         self.selects: list[SelectUse] = []
+        self.norm_calls: list[tuple[Node, np.ndarray]] = []
         self.marks: list[tuple[np.ndarray, str]] = []  # (elements, reason) blocked or protected
+        self.axes: dict[Node, int] = {}  # tensors whose channels are not on axis 1
         self.done: set[Node] = set()  # nodes already given values by a pattern (shuffle)
 
     # union-find ---------------------------------------------------------------------
@@ -301,6 +322,22 @@ class _Walker:
         value = self.values.get(arg) if isinstance(arg, Node) else None
         return value if isinstance(value, np.ndarray) else None
 
+    def axis(self, arg: Any) -> int:
+        """The axis ``arg`` carries its channels on."""
+        return self.axes.get(arg, 1) if isinstance(arg, Node) else 1
+
+    def put(self, node: Node, ids: np.ndarray, axis: int) -> None:
+        self.values[node] = ids
+        if axis != 1:
+            self.axes[node] = axis
+
+    def moved_off(self, node: Node) -> int | None:
+        """The channel axis of the first input whose channels are not on axis 1, if any."""
+        for a in _flat((node.args, node.kwargs)):
+            if isinstance(a, Node) and a in self.axes and self.values.get(a) is not None:
+                return self.axes[a]
+        return None
+
     def opaque(self, node: Node, why: str) -> None:
         """An op the analysis does not understand: block every channel it touches."""
         reason = f"blocked by node '{node.name}' ({why})"
@@ -325,15 +362,17 @@ class _Walker:
         self.block(ids, reason)
         return ids
 
-    def passthrough(self, node: Node, src: Any) -> None:
-        ids = self.ids(src)
+    def passthrough(self, node: Node, src: Any, axis: int | None = None) -> None:
+        """Output channel c is input channel c (on axis ``axis`` of the output; default: the input's)."""
+        ids, a = self.ids(src), self.axis(src)
+        b = a if axis is None else axis
         out, inp = _shape(node), _shape(src)
         if ids is None:
             self.generic(node)
-        elif out is None or inp is None or len(out) < 2 or out[1] != inp[1] or out[0] != inp[0]:
+        elif out is None or inp is None or len(out) <= b or out[b] != inp[a] or out[0] != inp[0]:
             self.opaque(node, "changes the channel dimension")
         else:
-            self.values[node] = ids
+            self.put(node, ids, b)
 
     def generic(self, node: Node) -> None:
         """A node with no channel tensor among its inputs (ints, sizes, constants)."""
@@ -373,6 +412,12 @@ class _Walker:
         src = node.args[0] if node.args else None
         if parts is not None:
             return self.visit_layer(node, name, *parts)
+        if isinstance(module, nn.LayerNorm):
+            self.layer_norm(node, name, module.normalized_shape, src, len(node.args) == 1 and not node.kwargs)
+            return
+        moved_to = self.moved_off(node)
+        if moved_to is not None and not isinstance(module, _ELEMENTWISE):
+            return self.opaque(node, f"{type(module).__name__} on channels moved to axis {moved_to}")
         if isinstance(module, _BNS):
             ids = self.ids(src)
             if ids is None or len(ids) != module.num_features or len(node.args) != 1:
@@ -391,6 +436,42 @@ class _Walker:
                 return self.passthrough(node, src)
         self.opaque(node, type(module).__name__)
 
+    def layer_norm(self, node: Node, name: str | None, normalized_shape: Any, src: Any, plain: bool = True) -> bool:
+        """LayerNorm over the channel axis alone: the weight and bias of module ``name`` are sliced
+        with the channels (it then normalizes over the kept ones); over other axes only: the
+        channels pass. True when it normalizes over the channels."""
+        ids, shape, a = self.ids(src), _shape(src), self.axis(src)
+        if ids is None and not self._touches_channels(node):
+            self.generic(node)
+            return False
+        normalized = tuple(normalized_shape) if isinstance(normalized_shape, (list, tuple)) else ()
+        if ids is None or shape is None or not plain or not normalized:
+            self.opaque(node, "LayerNorm not understood")
+            return False
+        if a < len(shape) - len(normalized):
+            self.passthrough(node, src)
+            return False
+        if len(normalized) != 1 or a != len(shape) - 1 or normalized[0] != len(ids) or name is None:
+            self.opaque(node, "LayerNorm over the channels and other dimensions, or without its module")
+            return False
+        self.record_norm(name, ids)
+        self.passthrough(node, src)
+        return True
+
+    def functional_layer_norm(self, node: Node, args: tuple, kwargs: dict) -> None:
+        """``F.layer_norm(x, shape, weight, bias, eps)`` as a LayerNorm subclass's forward calls it
+        (ConvNeXt's LayerNorm2d; traced, its module is a plain holder of ``weight`` and ``bias``):
+        the holder's parameters are sliced, the shape argument rewritten."""
+        keys = ("input", "normalized_shape", "weight", "bias")
+        src, normalized, *params = [args[k] if len(args) > k else kwargs.get(key) for k, key in enumerate(keys)]
+        owner = str(params[0].target).rpartition(".")[0] if isinstance(params[0], Node) else None
+        module = getattr_path(self.gm, owner) if owner and params[0].op == "get_attr" else None
+        plain = isinstance(module, nn.Module) and all(
+            isinstance(p, Node) and p.op == "get_attr" and str(p.target) == f"{owner}.{attr}"
+            for p, attr in zip(params, ("weight", "bias")))
+        if self.layer_norm(node, owner if plain else None, normalized, src):
+            self.norm_calls.append((node, self.values[node]))
+
     def record_norm(self, name: str, ids: np.ndarray) -> None:
         if name in self.norms:
             self.union(self.norms[name], ids)
@@ -399,17 +480,21 @@ class _Walker:
 
     def visit_layer(self, node: Node, name: str, core: nn.Module, rest: list[nn.Module]) -> None:
         src = node.args[0] if node.args else None
-        ids, shape, out = self.ids(src), _shape(src), _shape(node)
+        ids, shape, out, a = self.ids(src), _shape(src), _shape(node), self.axis(src)
         is_conv = isinstance(core, _CONVS)
         if len(node.args) != 1 or node.kwargs or ids is None or out is None or len(out) < 2:
             return self.opaque(node, "layer with unexpected inputs")
-        if not is_conv and (len(shape) != 2 or len(out) != 2):
-            return self.opaque(node, "Linear over more than [N, features]")
+        if is_conv and a != 1:
+            return self.opaque(node, f"{type(core).__name__} on channels moved to axis {a}")
+        if not is_conv and a != len(shape) - 1:  # a Linear over another axis (MLP-mixer token mixing)
+            if rest or shape[-1] != core.in_features or a >= len(out) - 1:
+                return self.opaque(node, "Linear over another axis, fused or unexpected")
+            return self.passthrough(node, src)
         if any(not isinstance(p, _PASS_MODULES + _BNS) for p in rest):
             return self.opaque(node, f"fused {type(core).__name__} with {type(rest[0]).__name__}")
         n_in = core.in_channels if is_conv else core.in_features
         n_out = core.out_channels if is_conv else core.out_features
-        if len(ids) != n_in or out[1] != n_out:
+        if len(ids) != n_in or out[a] != n_out:
             return self.opaque(node, "channel counts do not match the layer")
         out_ids = self.fresh(n_out)
         if is_conv and core.groups > 1:
@@ -431,18 +516,20 @@ class _Walker:
         for i, part in enumerate(rest):
             if isinstance(part, _BNS):
                 self.record_norm(f"{name}.{i + 1}", out_ids)
-        self.values[node] = out_ids
+        self.put(node, out_ids, len(out) - 1 if not is_conv else 1)
 
     def flatten(self, node: Node, src: Any, start: int, end: int) -> None:
         ids, shape = self.ids(src), _shape(src)
         if ids is None or shape is None:
             return self.generic(node)
-        start, end = start % len(shape), end % len(shape)
-        if start >= 2:
-            return self.passthrough(node, src)
-        if start != 1:
-            return self.opaque(node, "flattens the batch and channel dimensions together")
-        self.values[node] = np.repeat(ids, math.prod(shape[2 : end + 1]))
+        where = flattened(shape, start, end, self.axis(src))
+        if where is None:
+            what = "the batch" if start % len(shape) == 0 else "a preceding axis"
+            return self.opaque(node, f"flattens {what} and the channel dimension together")
+        axis, repeat = where
+        if repeat == 1:
+            return self.passthrough(node, src, axis)
+        self.put(node, np.repeat(ids, repeat), axis)
 
     def visit_call(self, node: Node) -> None:
         target, args, kwargs = node.target, node.args, node.kwargs
@@ -461,6 +548,11 @@ class _Walker:
             return self.getitem(node, src_value, args[1])
         if name in ("size", "getattr") or (name == "dim" and is_method):
             return self.size(node, src, src_value, args, kwargs)
+        if name == "layer_norm" and not is_method:
+            return self.functional_layer_norm(node, args, kwargs)
+        moved_to = self.moved_off(node)
+        if moved_to is not None and (name in ("chunk", "split", "index_select", "pad") or name in _SPATIAL_NAMES):
+            return self.opaque(node, f"{name} on channels moved to axis {moved_to}")
         if name in ("cat", "concat", "concatenate"):
             members = args[0] if args else kwargs.get("tensors")
             return self.cat(node, members, args[1] if len(args) > 1 else kwargs.get("dim", 0))
@@ -481,15 +573,16 @@ class _Walker:
             return self.layout(node, name, src, args, kwargs)
         if name in _REDUCTIONS:
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
             rank = len(_shape(src) or ())
-            dims = _dims(dim, rank) if rank else None
-            if dims is None or 0 in dims or 1 in dims:
+            axis = reduced(_dims(dim, rank) if rank else None, rank, self.axis(src), bool(keepdim))
+            if axis is None:
                 return self.opaque(node, f"{name} over the batch or channel dimension")
-            return self.passthrough(node, src)
+            return self.passthrough(node, src, axis)
         if name in ("softmax", "log_softmax"):
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             rank = len(_shape(src) or ())
-            if isinstance(dim, int) and rank >= 2 and dim % rank != 1:
+            if isinstance(dim, int) and rank >= 2 and dim % rank not in (0, self.axis(src)):
                 return self.passthrough(node, src)
             return self.opaque(node, f"{name} over channels")
         if name in _BINARY:
@@ -518,9 +611,11 @@ class _Walker:
         if isinstance(value, _Tuple) and isinstance(index, int):
             self.values[node] = value.items[index]
         elif isinstance(value, _Size) and isinstance(index, int):
-            self.values[node] = _Count(value.ids) if index % value.dim == 1 else None
+            self.values[node] = _Count(value.ids) if index % value.dim == value.axis else None
         elif isinstance(value, _Size) and isinstance(index, slice):  # e.g. x.shape[2:]
-            self.values[node] = _Count(value.ids) if 1 in range(value.dim)[index] else None
+            self.values[node] = _Count(value.ids) if value.axis in range(value.dim)[index] else None
+        elif isinstance(value, np.ndarray) and self.axis(node.args[0]) != 1:
+            self.opaque(node, f"indexing channels moved to axis {self.axis(node.args[0])}")
         elif isinstance(value, np.ndarray):
             self.slice(node, node.args[0], value, index)
         elif value is None:
@@ -561,15 +656,15 @@ class _Walker:
             self.values[node] = None
         elif _name(node.target) == "getattr":
             attr = args[1] if len(args) > 1 else None
-            self.values[node] = _Size(value, rank) if attr == "shape" else None
+            self.values[node] = _Size(value, rank, self.axis(src)) if attr == "shape" else None
             if attr not in ("shape", "dtype", "device"):
                 self.opaque(node, f"reads .{attr}")
         else:
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             if dim is None:
-                self.values[node] = _Size(value, rank)
+                self.values[node] = _Size(value, rank, self.axis(src))
             else:
-                self.values[node] = _Count(value) if dim % rank == 1 else None
+                self.values[node] = _Count(value) if dim % rank == self.axis(src) else None
 
     def cat(self, node: Node, members: Any, dim: Any) -> None:
         out = _shape(node)
@@ -578,14 +673,17 @@ class _Walker:
         ids = [self.ids(m) for m in members]
         if any(i is None for i in ids):
             return self.opaque(node, "cat of tensors without known channels")
-        if dim % len(out) == 1:
-            self.values[node] = np.concatenate(ids)
+        axis = self.axis(members[0])
+        if any(self.axis(m) != axis for m in members):
+            return self.opaque(node, "cat of tensors with channels on different axes")
+        if dim % len(out) == axis:
+            self.put(node, np.concatenate(ids), axis)
             return
         for other in ids[1:]:
             if len(other) != len(ids[0]):
                 return self.opaque(node, "cat not understood")
             self.union(ids[0], other)
-        self.values[node] = ids[0]
+        self.put(node, ids[0], axis)
 
     def split(self, node: Node, name: str, src: Any, args: tuple, kwargs: dict) -> None:
         ids, shape = self.ids(src), _shape(src)
@@ -617,20 +715,22 @@ class _Walker:
         ids, shape, out = self.ids(src), _shape(src), _shape(node)
         if ids is None or shape is None or out is None:
             return self.generic(node) if not self._touches_channels(node) else self.opaque(node, "view not understood")
-        if self.shuffle(node, ids, shape):
+        axis = self.axis(src)
+        if axis == 1 and self.shuffle(node, ids, shape):
             return
-        counts = [self.values.get(d) for d in dims if isinstance(d, Node)]
-        own_count = all(isinstance(v, _Count) and v.ids is ids for v in counts if isinstance(v, (_Count, _Size)))
-        if len(dims) >= 2 and out[0] == shape[0] and own_count:
-            second = dims[1]
-            dynamic = second == -1 or (isinstance(second, Node) and isinstance(self.values.get(second), _Count))
-            if len(out) == 2 and out[1] == math.prod(shape[1:]) and second == -1:
-                self.values[node] = np.repeat(ids, math.prod(shape[2:]))
-                return
-            if out[1] == shape[1] and dynamic and math.prod(out[2:]) == math.prod(shape[2:]):
-                self.values[node] = ids  # reshapes the spatial dims only
-                return
-        self.opaque(node, "view/reshape with a fixed channel count")
+        where = reshaped(shape, out, axis) if len(dims) == len(out) else None
+        if where is None:
+            return self.opaque(node, "view/reshape that splits the channels or merges them with a preceding axis")
+        j, repeat = where
+        counts = {k: self.values.get(d) for k, d in enumerate(dims) if isinstance(d, Node)}
+        sizes = [(k, v) for k, v in counts.items() if isinstance(v, (_Count, _Size))]
+        own_count = all(isinstance(v, _Count) and v.ids is ids and k == j for k, v in sizes)
+        follows = dims[j] == -1 or (repeat == 1 and isinstance(counts.get(j), _Count))  # sized by the channels at run time
+        if not (own_count and follows):
+            return self.opaque(node, "view/reshape with a fixed channel count")
+        if repeat == 1:
+            return self.passthrough(node, src, j)
+        self.put(node, np.repeat(ids, repeat), j)
 
     def shuffle(self, node: Node, ids: np.ndarray, shape: tuple[int, ...]) -> bool:
         """view(N, g, C/g, *S) -> transpose(1, 2) -> [contiguous] -> view(N, C or -1, *S)."""
@@ -693,37 +793,28 @@ class _Walker:
         shape, out = _shape(src), _shape(node)
         if self.ids(src) is None or shape is None or out is None:
             return self.generic(node) if not self._touches_channels(node) else self.opaque(node, f"{name} not understood")
-        rank = len(shape)
-        if name == "permute":
-            perm = _dims(list(args[1:]) if len(args) > 2 else (args[1] if len(args) > 1 else kwargs.get("dims")), rank)
-            ok = perm is not None and perm[:2] == [0, 1]
-        elif name == "transpose":
-            dims = _dims(list(args[1:3]), rank)
-            ok = dims is not None and min(dims) >= 2
-        elif name == "unsqueeze":
-            d = args[1] if len(args) > 1 else kwargs.get("dim")
-            ok = isinstance(d, int) and d % (rank + 1) >= 2
-        else:  # squeeze
-            d = args[1] if len(args) > 1 else kwargs.get("dim")
-            ok = isinstance(d, int) and d % rank >= 2
-        if ok:
-            self.values[node] = self.ids(src)
-        else:
-            self.opaque(node, f"{name} moves the channel dimension")
+        axis = moved(name, args, kwargs, len(shape), self.axis(src))
+        if axis is None:
+            return self.opaque(node, f"{name} moves the batch or removes the channel dimension")
+        self.passthrough(node, src, axis)
 
     def binary(self, node: Node) -> None:
         out = _shape(node)
         operands = _flat((node.args, node.kwargs))
         if out is None or len(out) < 2:
             return self.generic(node)
-        c = out[1]
+        axes = {self.axis(a) for a in operands if isinstance(a, Node) and isinstance(self.values.get(a), np.ndarray)}
+        if len(axes) > 1:
+            return self.opaque(node, "elementwise op over channels on different axes")
+        axis = axes.pop() if axes else 1
+        c = out[axis] if axis < len(out) else -1
         joined: list[np.ndarray] = []
         for a in operands:
             if not isinstance(a, Node):
                 continue
             shape = _shape(a)
             if a.op == "get_attr":
-                if not self.attr_operand(node, a, out, joined):
+                if not self.attr_operand(node, a, out, axis, joined):
                     return
                 continue
             value = self.values.get(a)
@@ -741,15 +832,15 @@ class _Walker:
             return self.opaque(node, "elementwise op not understood")
         for other in joined[1:]:
             self.union(joined[0], other)
-        self.values[node] = joined[0]
+        self.put(node, joined[0], axis)
 
-    def attr_operand(self, node: Node, attr: Node, out: tuple[int, ...], joined: list[np.ndarray]) -> bool:
-        """A parameter/buffer in an elementwise op: sliced along the dim that meets the channels."""
+    def attr_operand(self, node: Node, attr: Node, out: tuple[int, ...], axis: int, joined: list[np.ndarray]) -> bool:
+        """A parameter/buffer in an elementwise op (a layer scale): sliced along the dim that meets the channels."""
         shape = _shape(attr) or ()
-        d = 1 - (len(out) - len(shape))
+        d = axis - (len(out) - len(shape))
         if d < 0 or shape[d] == 1:
             return True  # does not vary along the channels
-        if shape[d] != out[1]:
+        if shape[d] != out[axis]:
             self.opaque(node, "elementwise op not understood")
             return False
         name = str(attr.target)
@@ -779,8 +870,9 @@ class _Walker:
                     if _name(user.target) not in _BINARY:
                         for r in roots[ids].tolist():
                             reasons.setdefault(r, f"blocked by node '{user.name}' (uses parameter '{name}')")
+        calls = {n for n, _ in self.norm_calls}
         for node in self.gm.graph.nodes:  # a layer's weights read directly: its channels stay
-            if node.op != "get_attr":
+            if node.op != "get_attr" or node.users and set(node.users) <= calls:
                 continue
             target = str(node.target)
             sliced = [(n, [layer.in_ids, layer.out_ids]) for n, layer in self.layers.items()] + [(n, [i]) for n, i in self.norms.items()]
@@ -817,7 +909,7 @@ class _Walker:
                 blocked=blocked,
             ))
         return ChannelAnalysis(self.gm, groups, roots, self.values, self.layers, self.norms, self.attrs,
-                               self.splits, self.slices, self.shuffles, reasons, self.selects)
+                               self.splits, self.slices, self.shuffles, reasons, self.selects, self.norm_calls)
 
 
 def analyze(gm: GraphModule) -> ChannelAnalysis:

@@ -2,11 +2,14 @@
 
 Channels that must go together (a conv's filters, its BatchNorm, the consumers' input
 channels, both sides of a residual add, the members of a concat, a depthwise conv's
-channel, the Linear features a flattened channel becomes, a squeeze-excite gate...) are
-found by :mod:`graphopt.passes._channel_groups`. In every group the lowest-importance
-units are removed, weights and BatchNorm statistics are sliced, ``chunk``/``split``/
-slices are rewritten to the new sizes, and a channel shuffle whose channels were pruned
-becomes an ``index_select`` with the equivalent permutation.
+channel, the Linear features a flattened channel becomes, a squeeze-excite gate, a
+channels-last LayerNorm and Linear after a ``permute``, a layer scale...) are found by
+:mod:`graphopt.passes._channel_groups`. In every group the lowest-importance units are
+removed; weights, BatchNorm statistics, LayerNorm affines and layer scales are sliced;
+``chunk``/``split``/slices are rewritten to the new sizes, and a channel shuffle whose
+channels were pruned becomes an ``index_select`` with the equivalent permutation. A
+LayerNorm over the channels then normalizes over the kept ones (an approximation, as
+pruning is).
 
 A group is left alone, and said so, when an op the analysis does not understand touches
 its channels; graph inputs and outputs (the classifier's logits) are never pruned.
@@ -93,10 +96,13 @@ def _ratio_of(group: ChannelGroup, ratio: float | Mapping[str, float]) -> float:
 
 def _importance(gm: GraphModule, group: ChannelGroup, importance: str) -> tuple[np.ndarray, str]:
     """Score per unit (higher = more important) and the criterion actually used."""
-    if importance == "bn-gamma" and any(group.norms):
+    bns = {n for per_unit in group.norms for n in per_unit if isinstance(gm.get_submodule(n), _BNS)}
+    if importance == "bn-gamma" and bns:
         scores = np.zeros(group.size)
         for u, per_bn in enumerate(group.norms):
             for bn_name, channels in per_bn.items():
+                if bn_name not in bns:
+                    continue  # a LayerNorm's gain says nothing about its channel alone
                 bn = gm.get_submodule(bn_name)
                 gamma = bn.weight.detach().abs() if bn.weight is not None else torch.ones(bn.num_features)
                 scores[u] += float(gamma[list(channels)].sum())
@@ -154,6 +160,10 @@ def _slice_norm(bn: nn.Module, keep: np.ndarray) -> None:
         p = getattr(bn, attr)
         if p is not None:
             setattr(bn, attr, _param(p, p.detach()[m]))
+    if not isinstance(bn, _BNS):  # a LayerNorm over the channels alone: it normalizes over the kept ones
+        if isinstance(bn, nn.LayerNorm):
+            bn.normalized_shape = (int(keep.sum()),)
+        return
     for attr in ("running_mean", "running_var"):
         b = getattr(bn, attr)
         if b is not None:
@@ -205,6 +215,12 @@ def _rewrite_nodes(gm: GraphModule, analysis: ChannelAnalysis, pruned: np.ndarra
         parts = list(index)
         parts[1] = slice(start, stop)
         use.node.args = (src, tuple(parts))
+    for node, ids in analysis.norm_calls:  # F.layer_norm(x, (C,), ...): the new C
+        kept = (int(analysis.keep(ids, pruned).sum()),)
+        if len(node.args) > 1:
+            node.args = (node.args[0], kept, *node.args[2:])
+        else:
+            node.kwargs = {**node.kwargs, "normalized_shape": kept}
     for use in analysis.selects:
         keep_in = analysis.keep(use.in_ids, pruned)
         if keep_in.all():
@@ -260,6 +276,9 @@ def _check_shapes(program: Program) -> None:
                 raise RuntimeError(f"{_PASS} left node '{node.name}' inconsistent: {want} vs input/output {(cin, cout)}")
         elif isinstance(module, _BNS) and (cin != module.num_features or module.running_mean is not None and len(module.running_mean) != cin):
             raise RuntimeError(f"{_PASS} left node '{node.name}' inconsistent: {module.num_features} features, input has {cin}")
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None and module.weight.shape != module.normalized_shape:
+            raise RuntimeError(f"{_PASS} left node '{node.name}' inconsistent: weight {tuple(module.weight.shape)}, "
+                               f"normalized shape {module.normalized_shape}")
 
 
 def _emptied(analysis: ChannelAnalysis, pruned: np.ndarray) -> tuple[str, set[int]] | None:

@@ -3,6 +3,9 @@ supports (plain, grouped and depthwise conv, BatchNorm with random eval statisti
 activations, max/avg pooling, residual add, concat, dense concat, channel split + shuffle,
 slicing, squeeze-excite, linear/conv heads) at tiny sizes. Shared by the prune-channels
 exactness test and the differential fuzz harness (tests/fuzz/test_differential.py).
+``LAYOUT_KINDS`` adds channels-last blocks (ConvNeXt: permute, LayerNorm, Linear MLP, layer
+scale; MLP-mixer: token-mixing Linear over the pixels, channel-mixing Linear) for the passes
+that follow channels through layout changes.
 """
 
 from __future__ import annotations
@@ -78,6 +81,68 @@ class SliceCat(nn.Module):
         return torch.cat([x[:, : self.a], self.f(x[:, self.a :])], 1)
 
 
+def _random_affine(norm: nn.LayerNorm) -> nn.LayerNorm:
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.1)
+    return norm
+
+
+class ConvNeXtBlock(nn.Module):
+    """dwconv 7x7 -> permute to NHWC -> LayerNorm(C) -> Linear(C, 4C) -> GELU -> Linear(4C, C)
+    -> * layer scale gamma (C,) -> permute back -> + x."""
+
+    def __init__(self, c: int, expand: int = 4, kernel: int = 7):
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, kernel, padding=kernel // 2, groups=c)
+        self.norm = _random_affine(nn.LayerNorm(c))
+        self.pwconv1 = nn.Linear(c, expand * c)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(expand * c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class MixerBlock(nn.Module):
+    """An MLP-mixer block on [N, tokens, C]: token mixing (a Linear over the tokens, on the
+    transposed tensor) then channel mixing (a Linear over C), each after a LayerNorm(C)."""
+
+    def __init__(self, tokens: int, c: int, token_hidden: int, channel_hidden: int, token_bias: bool = True):
+        super().__init__()
+        self.norm1 = _random_affine(nn.LayerNorm(c))
+        self.token1 = nn.Linear(tokens, token_hidden, bias=token_bias)
+        self.token2 = nn.Linear(token_hidden, tokens, bias=token_bias)
+        self.norm2 = _random_affine(nn.LayerNorm(c))
+        self.channel1, self.channel2 = nn.Linear(c, channel_hidden), nn.Linear(channel_hidden, c)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        x = x + self.token2(self.act(self.token1(self.norm1(x).transpose(1, 2)))).transpose(1, 2)
+        return x + self.channel2(self.act(self.channel1(self.norm2(x))))
+
+
+class PixelMixer(nn.Module):
+    """A feature map's pixels as tokens: NCHW -> [N, HW, C] -> mixer block -> back to NCHW.
+
+    The token mixing has no bias here: token mixing runs per channel, so with a bias a zeroed
+    channel's row would become non-zero and reach the next layer, which the zero-channel
+    exactness oracle cannot tell from a pruning error (the prune tests' mixer model keeps the
+    bias: there a LayerNorm with the channel's affine zeroed follows every block)."""
+
+    def __init__(self, c: int, size: int, hidden: int):
+        super().__init__()
+        self.size = size
+        self.block = MixerBlock(size * size, c, hidden, 2 * c, token_bias=False)
+
+    def forward(self, x):
+        t = self.block(x.flatten(2).transpose(1, 2))
+        return t.transpose(1, 2).reshape(x.shape[0], -1, self.size, self.size)
+
+
 class FlattenHead(nn.Module):
     def __init__(self, features: int, hidden: int | None, bn: bool):
         super().__init__()
@@ -92,6 +157,7 @@ class FlattenHead(nn.Module):
 
 
 KINDS = ["conv", "grouped", "depthwise", "residual", "concat", "dense", "se", "shuffle", "slice", "pool"]
+LAYOUT_KINDS = [*KINDS, "convnext", "mixer"]
 #: activations every pass handles; the differential fuzz adds ones that stay fp32 islands in int8
 ACTS = [nn.ReLU, nn.ReLU6, nn.Hardswish]
 MORE_ACTS = [*ACTS, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.Tanh]
@@ -131,6 +197,10 @@ def draw_net(data, *, batch: int = 2, acts: list[type[nn.Module]] = ACTS, max_la
             layers.append(SplitShuffle(c, bn, act))
         elif kind == "slice" and c >= 3:
             layers.append(SliceCat(c, draw(st.integers(1, c - 2)), bn, act))
+        elif kind == "convnext":
+            layers.append(ConvNeXtBlock(c, draw(st.sampled_from([2, 4])), draw(st.sampled_from([3, 7]))))
+        elif kind == "mixer":
+            layers.append(PixelMixer(c, size, draw(st.sampled_from([4, 8]))))
         elif kind in ("pool", "avgpool") and size >= 8:
             layers.append(nn.MaxPool2d(2) if kind == "pool" else nn.AvgPool2d(2))
             size //= 2

@@ -1,10 +1,13 @@
 """prune-channels: exactness that cannot be faked, structure, options.
 
 The exactness check zeroes the weights of chosen channels so they contribute nothing (the
-producing filters and biases, and the BatchNorm affine of every BatchNorm in the group),
+producing filters and biases, and the affine of every BatchNorm/LayerNorm in the group),
 prunes exactly those channels, and compares with the zeroed, unpruned model: a wrong
-dependency group (a missed residual, concat offset, shuffle permutation...) changes the
-output. It runs on every zoo model and on random conv nets drawn by hypothesis.
+dependency group (a missed residual, concat offset, shuffle permutation, channel axis...)
+changes the output. A LayerNorm over the channels normalizes over the kept ones once
+pruned, so in the reference each such LayerNorm computes its statistics over the channels
+that will be kept (:class:`KeptLayerNorm`). It runs on every zoo model, on ConvNeXt- and
+MLP-mixer-style models and on random nets drawn by hypothesis.
 
 The random-net test runs 40 examples by default; ``GRAPHOPT_HYPOTHESIS_PROFILE=full``
 runs 200.
@@ -18,6 +21,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -26,6 +30,7 @@ from graphopt import zoo
 from graphopt.capture import capture
 from graphopt.cost import count_macs
 from graphopt.errors import PipelineError
+from graphopt.fx_util import set_module
 from graphopt.passes._channel_groups import ChannelGroup, module_parts
 from graphopt.passes.fuse_conv_bn_relu import fuse_conv_bn_relu
 from graphopt.passes.prune_channels import analyze_program, prune_channels, prune_channels_by_index
@@ -33,7 +38,7 @@ from graphopt.pipeline import PassManager, parse_pipeline
 from graphopt.plugins import PluginHost
 from graphopt.program import Program
 from tests.conftest import program_of, randomize_bn
-from tests.fuzz.nets import draw_net
+from tests.fuzz.nets import LAYOUT_KINDS, ConvNeXtBlock, MixerBlock, draw_net
 
 PROFILE = os.environ.get("GRAPHOPT_HYPOTHESIS_PROFILE", "ci")
 EXAMPLES = {"ci": 40, "full": 200}.get(PROFILE, 40)
@@ -62,8 +67,42 @@ def zoo_program(name: str, fused: bool = False) -> Program:
     return program
 
 
-def zero_units(program: Program, group: ChannelGroup, units: list[int]) -> None:
-    """Make the units contribute exactly nothing: filters, biases and BatchNorm affine = 0."""
+class KeptLayerNorm(nn.Module):
+    """The reference for a LayerNorm(C) that loses channels: statistics over the kept ones only
+    (what the pruned LayerNorm computes); the dropped ones (affine zeroed) come out as zero."""
+
+    def __init__(self, norm: nn.Module, dropped: set[int], eps: float):
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, eps
+        self.keep = torch.tensor([c not in dropped for c in range(len(norm.weight))])
+
+    def forward(self, x):
+        k = self.keep
+        out = torch.zeros_like(x)
+        out[..., k] = F.layer_norm(x[..., k], (int(k.sum()),), self.weight[k], self.bias[k], self.eps)
+        return out
+
+
+def keep_layer_norms(gm: torch.fx.GraphModule, lost: dict[str, set[int]]) -> None:
+    """Make each LayerNorm that loses channels a :class:`KeptLayerNorm`, whether the graph calls the
+    module or ``F.layer_norm`` with its weight (a LayerNorm subclass's forward, traced)."""
+    for name, channels in lost.items():
+        norm = gm.get_submodule(name)
+        set_module(gm, name, KeptLayerNorm(norm, channels, getattr(norm, "eps", 0.0)))
+        for node in list(gm.graph.nodes):
+            weight = node.kwargs.get("weight", node.args[2] if len(node.args) > 2 else None)
+            if node.target is F.layer_norm and getattr(weight, "target", None) == f"{name}.weight":
+                gm.get_submodule(name).eps = node.kwargs.get("eps", node.args[4] if len(node.args) > 4 else 1e-5)
+                with gm.graph.inserting_before(node):
+                    node.replace_all_uses_with(gm.graph.call_module(name, (node.args[0],)))
+                gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def zero_units(program: Program, group: ChannelGroup, units: list[int], dropped: dict[str, set[int]]) -> None:
+    """Make the units contribute exactly nothing: filters, biases and BatchNorm/LayerNorm affine = 0
+    (``dropped`` collects the channels each LayerNorm would lose)."""
     gm = program.graph_module
     with torch.no_grad():
         for u in units:
@@ -76,6 +115,8 @@ def zero_units(program: Program, group: ChannelGroup, units: list[int]) -> None:
                 bn = gm.get_submodule(bn_name)
                 bn.weight[list(channels)] = 0
                 bn.bias[list(channels)] = 0
+                if not isinstance(bn, nn.modules.batchnorm._BatchNorm):  # a LayerNorm (or F.layer_norm's holder)
+                    dropped.setdefault(bn_name, set()).update(channels)
 
 
 def assert_same(out: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:
@@ -102,21 +143,28 @@ def zero_and_prune(program: Program, pick) -> tuple[torch.Tensor, torch.Tensor, 
     analysis = analyze_program(program)
     blocked = [(g.name, g.blocked) for g in analysis.groups if g.blocked.startswith("blocked")]
     selection: dict[str, list[int]] = {}
+    dropped: dict[str, dict[str, set[int]]] = {}  # group -> LayerNorm -> channels
     for group in analysis.groups:
         if group.blocked:
             continue
         units = pick(group)
         if not units:
             continue
-        zero_units(program, group, units)
+        zero_units(program, group, units, dropped.setdefault(group.name, {}))
         first = group.producers[0]
         selection.setdefault(first, []).extend(c for u in units for c in group.outputs[u][first])
     g = torch.Generator().manual_seed(1)
     x = tuple(torch.randn(t.shape, generator=g) for t in program.example_inputs)
     before = out_channels(program)
-    ref = program.run(*x)
+    reference = program.clone()
     result = prune_channels_by_index(program, selection)
     out = program.run(*x)
+    lost: dict[str, set[int]] = {}  # only groups really pruned (not left to keep a tensor non-empty)
+    for group in result.data["groups"]:
+        for name, channels in dropped.get(group["name"], {}).items() if group["status"] == "pruned" else ():
+            lost.setdefault(name, set()).update(channels)
+    keep_layer_norms(reference.graph_module, lost)
+    ref = reference.run(*x)
     return out, ref, {"result": result, "blocked": blocked, "before": before, "analysis": analysis}
 
 
@@ -356,7 +404,7 @@ def test_shared_module_slices_and_graph_output():
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_random_nets_pruning_zeroed_channels_is_exact(data):
-    model, shape = draw_net(data)
+    model, shape = draw_net(data, kinds=LAYOUT_KINDS)
     program = program_of(model, shape)
     if data.draw(st.booleans(), label="fuse first"):
         fuse_conv_bn_relu(program)
@@ -395,3 +443,143 @@ def test_pruning_twice_reindexes_the_pruned_shuffle():
     assert info["blocked"] == []
     assert_same(out, ref)
     assert info["result"].data["macs_after"] < first.data["macs_after"]
+
+
+# --------------------------------------------------------------------------- layout changes
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map through NHWC, as torchvision writes it: traced,
+    it becomes permute -> ``F.layer_norm`` reading this module's weight and bias -> permute."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtStyle(nn.Module):
+    """Patchify stem + LayerNorm, ConvNeXt blocks, a downsampling stage (LayerNorm + 2x2 stride-2
+    conv), and a head: global average pool -> LayerNorm -> Linear."""
+
+    def __init__(self, dims=(16, 32), depths=(2, 2), num_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), LayerNorm2d(dims[0]))
+        stages = []
+        for i, (d, n) in enumerate(zip(dims, depths)):
+            down = [LayerNorm2d(dims[i - 1]), nn.Conv2d(dims[i - 1], d, 2, stride=2)] if i else []
+            stages.append(nn.Sequential(*down, *[ConvNeXtBlock(d) for _ in range(n)]))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.norm = nn.LayerNorm(dims[-1])
+        self.head = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.flatten(self.pool(self.stages(self.stem(x))), 1)))
+
+
+class MixerStyle(nn.Module):
+    """Patch embedding, MLP-mixer blocks over [N, tokens, C], LayerNorm, mean over the tokens, Linear."""
+
+    def __init__(self, c=16, patch=4, size=16, depth=2, num_classes=10):
+        super().__init__()
+        tokens = (size // patch) ** 2
+        self.stem = nn.Conv2d(3, c, patch, stride=patch)
+        self.blocks = nn.Sequential(*[MixerBlock(tokens, c, 2 * tokens, 4 * c) for _ in range(depth)])
+        self.norm = nn.LayerNorm(c)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x).flatten(2).transpose(1, 2))
+        return self.head(self.norm(x).mean(dim=1))
+
+
+def layout_program(name: str) -> Program:
+    torch.manual_seed(0)
+    model = ConvNeXtStyle() if name == "convnext" else MixerStyle()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.1)
+    return program_of(model, (2, 3, 32, 32) if name == "convnext" else (2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name", ["convnext", "mixer"])
+def test_layout_models_pruning_zeroed_channels_is_exact(name):
+    program = layout_program(name)
+    rng = random.Random(4)
+    out, ref, info = zero_and_prune(program, lambda g: rng.sample(range(g.size), int(0.3 * g.size)))
+    assert info["blocked"] == [], "permute/LayerNorm/channels-last Linear/layer scale should be followed"
+    result = info["result"]
+    assert result.data["macs_after"] < 0.75 * result.data["macs_before"], result.detail
+    assert_same(out, ref)
+
+
+def test_convnext_ratio_0_3_cuts_a_quarter_of_the_macs_and_lowers(host):
+    program = layout_program("convnext")
+    reference = program.clone()
+    result = prune_channels(program, ratio=0.3)
+    before, after = count_macs(reference.graph_module), count_macs(program.graph_module)
+    assert after <= 0.75 * before, result.detail
+    assert not [g for g in result.data["groups"] if g["status"] in ("left", "protected") and g["name"] != "head"], result.detail
+    gm = program.graph_module
+    for stage, c in ((0, 16), (1, 32)):  # every tensor of a stage's residual stream shrank alike
+        kept = gm.get_submodule(f"stages.{stage}.0.dwconv").out_channels if stage == 0 else gm.get_submodule("stages.1.1").out_channels
+        assert kept == c - round(0.3 * c)
+        for b in [0, 1] if stage == 0 else [2, 3]:
+            block = gm.get_submodule(f"stages.{stage}.{b}")
+            assert block.dwconv.in_channels == block.dwconv.out_channels == block.dwconv.groups == kept
+            assert block.norm.normalized_shape == (kept,) and block.norm.weight.shape == (kept,) == block.norm.bias.shape
+            assert block.pwconv1.in_features == kept and block.pwconv2.out_features == kept
+            assert block.pwconv1.out_features == block.pwconv2.in_features == 4 * c - round(0.3 * 4 * c)
+            assert block.gamma.shape == (kept,)
+    module = gm.get_submodule
+    assert module("stem.1").weight.shape == module("stages.1.0").bias.shape == (11,)  # LayerNorm2d: F.layer_norm
+    assert [n.args[1] for n in gm.graph.nodes if n.target is F.layer_norm] == [(11,), (11,)]
+    assert module("stages.1.1").in_channels == 11 and gm.norm.normalized_shape == (22,) and gm.head.in_features == 22
+    assert gm.head.out_features == 10
+    # the pruned model runs and its cpu-fp32 lowering computes what it computes
+    spec = host.targets.get("cpu-fp32")
+    artifact = spec.backend.lower(program, spec)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    expected = program.run(x)
+    assert expected.shape == (2, 10) and torch.isfinite(expected).all()
+    torch.testing.assert_close(artifact.run(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixer_prunes_channel_mixing_only():
+    program = layout_program("mixer")
+    before = count_macs(program.graph_module)
+    result = prune_channels(program, ratio=0.3)
+    gm = program.graph_module
+    assert count_macs(gm) <= 0.75 * before, result.detail
+    for block in (gm.get_submodule(f"blocks.{i}") for i in range(2)):
+        assert (block.token1.in_features, block.token1.out_features, block.token2.out_features) == (16, 32, 16)
+        assert block.norm1.normalized_shape == block.norm2.normalized_shape == (11,)
+        assert block.channel1.in_features == block.channel2.out_features == 11
+        assert block.channel1.out_features == block.channel2.in_features == 64 - round(0.3 * 64)
+    assert gm.stem.out_channels == 11 and gm.head.in_features == 11 and gm.head.out_features == 10
+    assert program.run(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+class MergedChannels(nn.Module):
+    """conv2's channels, once channels-last, are merged with the width by a reshape: not followed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8, 4)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x))).permute(0, 2, 3, 1)
+        return self.fc(y.reshape(1, 8, 64)).mean(dim=1)
+
+
+def test_reshape_merging_channels_with_another_axis_blocks_and_is_named():
+    program = program_of(MergedChannels(), (1, 3, 8, 8))
+    result = prune_channels(program, ratio=0.5)
+    left = {g["name"]: g["reason"] for g in result.data["groups"] if g["status"] == "left"}
+    assert left == {"conv2": "blocked by node 'reshape' (view/reshape that splits the channels or merges them with a preceding axis)"}
+    gm = program.graph_module
+    assert gm.conv1.out_channels == 4 and gm.conv2.out_channels == 8 and gm.fc.in_features == 64
+    assert program.run(torch.randn(1, 3, 8, 8)).shape == (1, 4)
