@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 #: How the unknown-format message lists what graphopt reads.
-KNOWN_FORMATS = "graphopt reads .pt2 (torch.export), .pt/.pth (PyTorch), pkg.module:callable, zoo:NAME"
+KNOWN_FORMATS = "graphopt reads .pt2 (torch.export), .pt/.pth (PyTorch, TorchScript), .onnx, pkg.module:callable, zoo:NAME"
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _CAPTURE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
