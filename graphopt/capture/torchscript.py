@@ -95,6 +95,25 @@ def _via_onnx(module: torch.jit.ScriptModule, inputs: tuple[torch.Tensor, ...], 
         return from_onnx(onnx_path, name, input_shapes=None, example_inputs=inputs)
 
 
+_FLOW_WORDS = ("if ", "for ", "while ")
+
+
+def _control_flow(module: torch.jit.ScriptModule) -> str | None:
+    """Where the (inlined) forward branches or loops, as ``"`if y.sum() > 0:` (model.py, line 7)"``; None if straight-line."""
+    try:
+        nodes = list(module.inlined_graph.nodes())
+    except Exception:  # noqa: BLE001 - a module without a forward graph
+        return None
+    for node in nodes:
+        if node.kind() not in ("prim::If", "prim::Loop"):
+            continue
+        lines = node.sourceRange().splitlines()
+        stmt = next((ln.strip() for ln in lines[1:] if ln.strip().startswith(_FLOW_WORDS)), node.kind())
+        place = lines[0].strip().replace("File ", "").replace('"', "") if lines else "unknown place"
+        return f"`{stmt}` ({os.path.basename(place.split(',')[0])},{place.split(',', 1)[-1]})"
+    return None
+
+
 def from_torchscript(
     path: Path,
     name: str,
@@ -128,11 +147,14 @@ def from_torchscript(
         try:
             program = _via_onnx(module, inputs, name)
         except Exception as exc:  # noqa: BLE001
-            raise CaptureError(
-                f"{label}: TorchScript method 'forward' could not be converted to a graph ({first_line(first)}; via ONNX: "
-                f"{first_line(exc)}); if it branches or loops on tensor values, re-save it with torch.jit.trace, or "
-                "export it with torch.export and compile the .pt2"
-            ) from exc
+            flow = _control_flow(module)
+            if flow is not None:
+                raise CaptureError(
+                    f"{label}: TorchScript method 'forward' has control flow graphopt cannot capture at {flow}; re-save "
+                    "the model with torch.jit.trace on an example input, or export it with torch.export and compile the .pt2"
+                ) from exc
+            raise CaptureError(f"{label}: TorchScript method 'forward' could not be converted to a graph: "
+                               f"{first_line(first)[:160]} (via ONNX: {first_line(exc)[:160]})") from exc
         program.meta.update(meta)
         program.meta["converted_via"] = "onnx"
     program.reference = ScriptReference(module)

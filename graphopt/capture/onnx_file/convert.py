@@ -182,9 +182,9 @@ def conv(b: Builder) -> list[Value]:
     mod = cls(w.shape[1] * groups, w.shape[0], kernel, stride=strides, padding=padding, dilation=dilations, groups=groups,
               bias=bias is not None)
     with torch.no_grad():
-        mod.weight.copy_(torch.from_numpy(w))
+        mod.weight.copy_(torch.from_numpy(np.array(w)))
         if bias is not None:
-            mod.bias.copy_(torch.from_numpy(bias))
+            mod.bias.copy_(torch.from_numpy(np.array(bias)))
     return [b.module(mod, x)]
 
 
@@ -197,7 +197,7 @@ def batchnorm(b: Builder) -> list[Value]:
     mod = _rank_cls(b, _BN, rank)(scale.shape[0], eps=float(a.get("epsilon", 1e-5)))
     with torch.no_grad():
         for attr, arr in (("weight", scale), ("bias", shift), ("running_mean", mean), ("running_var", var)):
-            getattr(mod, attr).copy_(torch.from_numpy(np.asarray(arr, dtype=np.float32)))
+            getattr(mod, attr).copy_(torch.from_numpy(np.array(arr, dtype=np.float32)))
     mod.eval()
     return [b.module(mod, b.x(0))]
 
@@ -440,6 +440,10 @@ def pad(b: Builder) -> list[Value]:
     first = next((i for i in range(rank) if begins[i] or ends[i]), rank)
     if first == rank:
         return [b.x(0)]
+    if mode != "constant":  # torch pads the spatial dims (all of them) in reflect/replicate mode
+        if first < 2:
+            raise b.unsupported(f"mode '{mode}' padding the batch or channel dim")
+        first = 2
     kwargs = {"value": fill} if mode == "constant" else {}
     return [b.fn(F.pad, b.x(0), _torch_pad(begins[first:], ends[first:]), mode=_PAD_MODES[mode], **kwargs)]
 
