@@ -81,7 +81,7 @@ def zoo_onnx(tmp_path_factory):
 @pytest.mark.parametrize("name, opset, target", CELLS)
 def test_zoo_onnx_compiles_and_verifies_against_onnxruntime(zoo_onnx, name, opset, target):
     path = zoo_onnx(name, opset)
-    result = graphopt.compile(str(path), target=target, verify_samples=2, calib_samples=4, measure=False)
+    result = graphopt.compile(str(path), target=target, verify_samples=2, calib_samples=16, measure=False)
     assert result.program.meta["source_kind"] == "onnx"
     assert "ONNX Runtime" in result.report.extra["reference"]
     assert result.report.verification, result.report.verification
