@@ -27,7 +27,7 @@ from graphopt import zoo
 from graphopt.capture import capture
 from graphopt.capture.onnx_file import OrtReference, convert
 from graphopt.cost import count_macs
-from graphopt.errors import VerificationError
+from graphopt.errors import CaptureError, VerificationError
 from graphopt.pipeline import PassManager, parse_pipeline
 from tests.test_cli import assert_fails
 from tests.test_cli import graphopt as run_cli
@@ -102,10 +102,15 @@ def test_capture_matches_onnxruntime_and_the_torch_model(zoo_onnx):
 
 
 def test_input_shape_overrides_the_symbolic_batch(zoo_onnx):
-    program = capture(str(zoo_onnx("resnet18", 13)), input_shapes=[(3, 3, 40, 40)])
-    assert tuple(program.example_inputs[0].shape) == (3, 3, 40, 40)
+    program = capture(str(zoo_onnx("resnet18", 13)), input_shapes=[(3, 3, SIZE, SIZE)])
+    assert tuple(program.example_inputs[0].shape) == (3, 3, SIZE, SIZE)
     torch.testing.assert_close(program.run(*program.example_inputs), program.run_reference(*program.example_inputs),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_input_shape_cannot_change_a_fixed_dim(zoo_onnx):
+    with pytest.raises(CaptureError, match="dim 2 is fixed to 32 in the file; only symbolic dims can be set"):
+        capture(str(zoo_onnx("resnet18", 13)), input_shapes=[(1, 3, 40, 40)])
 
 
 def test_fuse_conv_bn_relu_folds_onnx_batchnorm(zoo_onnx):

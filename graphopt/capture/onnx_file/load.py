@@ -113,6 +113,11 @@ def _fix_inputs(model: onnx.ModelProto, label: str, overrides: Sequence[tuple[in
             if len(overrides[k]) != len(dims):
                 raise CaptureError(f"{label}: --input-shape {shape_text(overrides[k])} for input '{info.name}' has rank "
                                    f"{len(overrides[k])}, the file says rank {len(dims)}")
+            fixed_dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+            clash = next((i for i, (f, o) in enumerate(zip(fixed_dims, overrides[k])) if f and f != o), None)
+            if clash is not None:
+                raise CaptureError(f"{label}: --input-shape {shape_text(overrides[k])} for input '{info.name}': dim {clash} is "
+                                   f"fixed to {fixed_dims[clash]} in the file; only symbolic dims can be set")
             dims = list(overrides[k])
         for d, value in zip(ttype.shape.dim, dims):
             d.Clear()
