@@ -153,6 +153,21 @@ def _padded(b: Builder, x: Value, begins: list[int], ends: list[int], fill: floa
     return b.fn(F.pad, x, _torch_pad(begins, ends), value=fill), [0] * len(begins)
 
 
+def _filled(mod: nn.Module, **arrays: np.ndarray | None) -> nn.Module:
+    """``mod`` (built on the meta device: no random initialization) holding the file's arrays as its parameters/buffers."""
+    for name, array in arrays.items():
+        if array is None:
+            continue
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32))
+        if name in mod._parameters:
+            setattr(mod, name, nn.Parameter(tensor))
+        else:
+            setattr(mod, name, tensor)
+    if hasattr(mod, "num_batches_tracked"):
+        mod.num_batches_tracked = torch.tensor(0, dtype=torch.long)
+    return mod
+
+
 def _spatial(a: dict[str, Any], key: str, n: int, default: int = 1) -> list[int]:
     return [int(v) for v in a.get(key, [default] * n)]
 
@@ -179,12 +194,8 @@ def conv(b: Builder) -> list[Value]:
     x, padding = _padded(b, b.x(0), begins, ends, 0.0)
     groups = int(a.get("group", 1))
     cls = _rank_cls(b, _CONV, n)
-    mod = cls(w.shape[1] * groups, w.shape[0], kernel, stride=strides, padding=padding, dilation=dilations, groups=groups,
-              bias=bias is not None)
-    with torch.no_grad():
-        mod.weight.copy_(torch.from_numpy(np.array(w)))
-        if bias is not None:
-            mod.bias.copy_(torch.from_numpy(np.array(bias)))
+    mod = _filled(cls(w.shape[1] * groups, w.shape[0], kernel, stride=strides, padding=padding, dilation=dilations,
+                      groups=groups, bias=bias is not None, device="meta"), weight=w, bias=bias)
     return [b.module(mod, x)]
 
 
@@ -194,21 +205,16 @@ def batchnorm(b: Builder) -> list[Value]:
         raise b.unsupported("training_mode=1 (export the model in eval mode)")
     scale, shift, mean, var = (b.need_const(k, what) for k, what in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var")))
     rank = len(b.shape(b.node.input[0]))
-    mod = _rank_cls(b, _BN, rank)(scale.shape[0], eps=float(a.get("epsilon", 1e-5)))
-    with torch.no_grad():
-        for attr, arr in (("weight", scale), ("bias", shift), ("running_mean", mean), ("running_var", var)):
-            getattr(mod, attr).copy_(torch.from_numpy(np.array(arr, dtype=np.float32)))
+    mod = _rank_cls(b, _BN, rank)(scale.shape[0], eps=float(a.get("epsilon", 1e-5)), device="meta")
+    _filled(mod, weight=scale, bias=shift, running_mean=mean, running_var=var)
     mod.eval()
     return [b.module(mod, b.x(0))]
 
 
 def _linear(b: Builder, x: Value, weight: np.ndarray, bias: np.ndarray | None) -> torch.fx.Node:
-    mod = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        mod.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
-        if bias is not None:
-            mod.bias.copy_(torch.from_numpy(np.broadcast_to(bias, (weight.shape[0],)).copy()))
-    return b.module(mod, x)
+    mod = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    full_bias = None if bias is None else np.broadcast_to(bias, (weight.shape[0],))
+    return b.module(_filled(mod, weight=weight, bias=full_bias), x)
 
 
 def gemm(b: Builder) -> list[Value]:

@@ -126,11 +126,26 @@ def _fix_inputs(model: onnx.ModelProto, label: str, overrides: Sequence[tuple[in
     return fixed
 
 
+_LIGHT_ELEMENTS = 1024  # initializers bigger than this are shown to shape inference as typed inputs (shape, no values)
+
+
 def _infer(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    """``model`` with the value_info onnx shape inference finds (run on a copy without the big weights: fast)."""
+    g = model.graph
+    big = [t for t in g.initializer if np.prod(t.dims, dtype=np.int64) > _LIGHT_ELEMENTS]
+    light_graph = onnx.helper.make_graph(
+        list(g.node), g.name, [*g.input, *(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in big)],
+        list(g.output), [t for t in g.initializer if np.prod(t.dims, dtype=np.int64) <= _LIGHT_ELEMENTS])
+    light = onnx.helper.make_model(light_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=True, data_prop=True)
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(f"{label}: onnx shape inference failed: {first_line(exc)}") from exc
+    del g.value_info[:]
+    g.value_info.extend(inferred.graph.value_info)
+    del g.output[:]
+    g.output.extend(inferred.graph.output)
+    return model
 
 
 def _fold(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
@@ -145,6 +160,15 @@ def _fold(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
         return gs.export_onnx(graph, do_type_check=False)
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(f"{label}: constant folding failed: {first_line(exc)}") from exc
+
+
+_SHAPE_OPS = {"Shape", "Size", "Constant", "ConstantOfShape"}
+
+
+def _foldable(model: onnx.ModelProto) -> bool:
+    """Whether any node computes a constant (all inputs constant, or a shape op): else folding has nothing to do."""
+    consts = {t.name for t in model.graph.initializer}
+    return any(n.op_type in _SHAPE_OPS or all(not i or i in consts for i in n.input) for n in model.graph.node)
 
 
 def _shapes_by_running(model: onnx.ModelProto, inputs: list[tuple], label: str) -> onnx.ModelProto:
@@ -189,7 +213,8 @@ def prepare(model: onnx.ModelProto, label: str, overrides: Sequence[tuple[int, .
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
     inputs = _fix_inputs(model_copy, label, overrides)
-    folded = _infer(_fold(_infer(model_copy, label), label), label)
+    inferred = _infer(model_copy, label)
+    folded = _infer(_fold(inferred, label), label) if _foldable(inferred) else inferred
     if any(n.op_type == "Shape" for n in folded.graph.node):  # a chain onnx's data propagation could not follow (Div)
         folded = _infer(_fold(_shapes_by_running(folded, inputs, label), label), label)
     consts = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
