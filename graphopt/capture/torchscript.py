@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from graphopt.capture.common import check_shapes, finish, first_line
+from graphopt.capture.common import Reference, check_shapes, finish, first_line
 from graphopt.capture.export import strip_export_meta, to_module_level
 from graphopt.errors import CaptureError
 from graphopt.program import InputSpec, Program
@@ -35,7 +35,7 @@ from graphopt.program import InputSpec, Program
 __all__ = ["ScriptReference", "from_torchscript"]
 
 
-class ScriptReference:
+class ScriptReference(Reference):
     """Runs the loaded ScriptModule: the original a TorchScript source is verified against."""
 
     runtime = f"TorchScript (torch.jit {torch.__version__}) running the original file"
@@ -46,9 +46,6 @@ class ScriptReference:
     def __call__(self, *inputs: torch.Tensor) -> Any:
         with torch.no_grad():
             return self.module(*inputs)
-
-    def __deepcopy__(self, memo: dict) -> "ScriptReference":
-        return self
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graphopt.capture.common import finish, first_line
+from graphopt.capture.common import Reference, finish, first_line
 from graphopt.capture.onnx_file.convert import SUPPORTED_OPS, build_graph_module
 from graphopt.capture.onnx_file.load import load, prepare
 from graphopt.errors import CaptureError
@@ -49,7 +49,7 @@ def looks_like_onnx(path: Path) -> bool:
     return len(head) == 2 and head[0] == 0x08 and head[1] < 0x80
 
 
-class OrtReference:
+class OrtReference(Reference):
     """Runs the original ONNX file with ONNX Runtime (CPU); returns what the fx graph returns."""
 
     runtime = f"ONNX Runtime {__import__('onnxruntime').__version__} (CPUExecutionProvider) on the original file"
@@ -76,9 +76,6 @@ class OrtReference:
         feed = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
         outs = [torch.from_numpy(np.asarray(o)) for o in sess.run(None, feed)]
         return outs[0] if len(outs) == 1 else tuple(outs)
-
-    def __deepcopy__(self, memo: dict) -> "OrtReference":
-        return self
 
 
 def from_onnx(
