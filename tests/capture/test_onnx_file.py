@@ -116,7 +116,8 @@ def test_input_shape_cannot_change_a_fixed_dim(zoo_onnx):
 def test_fuse_conv_bn_relu_folds_onnx_batchnorm(zoo_onnx):
     path = zoo_onnx("resnet18", 13, do_constant_folding=False)  # keeps BatchNormalization nodes in the file
     assert any(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
-    result = graphopt.compile(str(path), target="cpu-fp32", pipeline="fuse-conv-bn-relu", verify_samples=2, measure=False)
+    result = graphopt.compile(str(path), target="cpu-fp32", pipeline="fuse-conv-bn-relu", verify_samples=2, measure=False,
+                              verify_each=True)
     record = result.report.passes[0]
     assert record.name == "fuse-conv-bn-relu" and record.nodes_after < record.nodes_before
     assert not any(isinstance(m, nn.BatchNorm2d) for m in result.program.modules().values())
@@ -135,6 +136,8 @@ def test_a_conversion_bug_fails_verification(zoo_onnx, monkeypatch):
     monkeypatch.setitem(convert.CONVERTERS, "Relu", lambda b: [b.x(0)])  # drop every ReLU
     with pytest.raises(VerificationError, match="verification failed"):
         graphopt.compile(str(zoo_onnx("resnet18", 13)), target="cpu-fp32", verify_samples=2, measure=False)
+    with pytest.raises(VerificationError, match="the captured graph differs from ONNX Runtime .* before any pass"):
+        graphopt.compile(str(zoo_onnx("resnet18", 13)), target="cpu-fp32", verify_samples=2, measure=False, verify_each=True)
 
 
 # --------------------------------------------------------------------------- hand-made graphs
