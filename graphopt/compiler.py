@@ -291,6 +291,8 @@ def compile(source: Any, options: CompileOptions | None = None, /, **overrides: 
         stage(f"lowering to {plan.spec.name}")
         artifact = _lower(program, plan)
         report = _new_report(source, program, plan, data, passes)
+        if "reference_runtime" in program.meta:  # verification compares with the original file in its own runtime
+            report.extra["reference"] = program.meta["reference_runtime"]
         artifact = _stage(artifact, out, host, stage)
         stage("verifying")
         violations = _verify(report, passes.fp32_reference or original, program, artifact, data.samples, references, plan,
@@ -302,8 +304,6 @@ def compile(source: Any, options: CompileOptions | None = None, /, **overrides: 
         if opts.measure:
             stage("measuring latency")
             _measure_latency(report, original, artifact, data.samples[0])
-        if "reference_runtime" in program.meta:
-            report.extra["reference"] = program.meta["reference_runtime"]
         if program.meta.get("training_mode_was"):
             report.warnings.append("the model was in training mode; graphopt compiled it in eval mode")
         if out.staging is not None:
