@@ -338,3 +338,10 @@ def test_bad_onnx_exits_2_with_one_line_and_writes_nothing(tmp_path, kind):
     result = run_cli("compile", str(path), "--target", "cpu-fp32", "-o", str(out), cwd=tmp_path)
     assert_fails(result, 2, *BAD[kind])
     assert not out.exists()
+
+
+def test_an_onnx_file_is_recognised_by_content(tmp_path):
+    path = tmp_path / "model.bin"
+    onnx.save(_se_gate(), str(path))
+    program = capture(str(path))
+    assert program.meta["source_kind"] == "onnx" and program.meta["opset"] == 13
