@@ -356,7 +356,7 @@ def golden_record_cmd(source: str, output: Path, input_shapes: tuple[str, ...], 
         raise UsageError(f"-o '{output}': folder '{output.parent}' does not exist")
     program = capture(source, input_shapes=_shapes(input_shapes), weights=weights, trust_pickle=trust_pickle)
     inputs = samples_for(program.input_specs, n=samples, seed=seed, path=calib_data)
-    outputs = run_all(program.run, inputs)
+    outputs = run_all(program.run_reference, inputs)
     check_finite(outputs)
     save_golden(output, inputs, outputs, {"source": source, "seed": seed})
     _console().print(f"wrote {output} ({len(inputs)} inputs)")

@@ -35,6 +35,12 @@ class VerifyEach:
 
     def before_pass(self, inv: PassInvocation, program: Program) -> None:
         self._before = run_all(program.run, self.samples)
+        if not self._done and program.reference is not None:  # the baseline: the original file in its own runtime
+            bad = self.exact.violations(compare(run_all(program.run_reference, self.samples), self._before).metrics)
+            if bad:
+                runtime = program.meta.get("reference_runtime", "the original")
+                raise VerificationError(f"--verify-each: the captured graph differs from {runtime} before any pass: "
+                                        f"{'; '.join(bad)} (a conversion error in capture)")
 
     def after_pass(self, inv: PassInvocation, program: Program, record: PassRecord) -> None:
         comparison = compare(self._before, run_all(program.run, self.samples))

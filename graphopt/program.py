@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,10 @@ class Program:
     #: Calibration samples (tuples of input tensors) for passes that need data, such as
     #: insert-quant-stubs. Shared, not copied, by ``clone()``: treat as read-only.
     calibration: list[tuple[torch.Tensor, ...]] | None = None
+    #: What verification compares against when the original is not this graph: the source file run by its
+    #: own runtime (ONNX Runtime for an .onnx, the ScriptModule for TorchScript). Set by capture; shared by ``clone()``.
+    #: ``meta["reference_runtime"]`` names it. None: the captured graph itself is the reference.
+    reference: Callable[..., Any] | None = None
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -89,6 +93,13 @@ class Program:
         with torch.inference_mode():
             return self.graph_module(*inputs)
 
+    def run_reference(self, *inputs: torch.Tensor) -> Any:
+        """The original's outputs: ``reference`` when capture set one, else this graph's."""
+        if self.reference is None:
+            return self.run(*inputs)
+        with torch.inference_mode():
+            return self.reference(*inputs)
+
     def node_count(self) -> int:
         """Nodes that compute something (placeholders and output excluded)."""
         return sum(1 for n in self.graph.nodes if n.op not in ("placeholder", "output"))
@@ -108,7 +119,8 @@ class Program:
     def clone(self) -> "Program":
         """A deep copy: rewriting the clone never touches this Program's weights."""
         gm = copy.deepcopy(self.graph_module)
-        return Program(gm, tuple(t.clone() for t in self.example_inputs), copy.deepcopy(self.meta), self.calibration)
+        return Program(gm, tuple(t.clone() for t in self.example_inputs), copy.deepcopy(self.meta), self.calibration,
+                       self.reference)
 
     def recompile(self) -> None:
         self.graph.lint()

@@ -111,8 +111,9 @@ class Report:
             m = v.metrics
             top1 = "n/a" if m.top1_agreement is None else f"{m.top1_agreement:.3f}"
             status = "[green]PASSED[/green]" if v.passed else "[red]FAILED[/red]"
+            against = f" against {self.extra['reference']}" if self.extra.get("reference") else ""
             console.print(
-                f"verification {status} on {v.samples} inputs: max_abs_err {m.max_abs_err:.3g}, "
+                f"verification {status} on {v.samples} inputs{against}: max_abs_err {m.max_abs_err:.3g}, "
                 f"max_rel_err {m.max_rel_err:.3g}, cosine {m.cosine:.6f}, sqnr {m.sqnr_db:.1f} dB, top1 {top1}"
             )
             if not v.passed:

@@ -13,7 +13,12 @@ source                     module                                  ``source_kind
 ``pkg.module:callable``    :mod:`graphopt.capture.factory`         ``factory``
 ``model.pt2``              :mod:`graphopt.capture.export`          ``export``
 ``model.pt`` / ``.pth``    :mod:`graphopt.capture.pickle_file`     ``pickle``
+TorchScript ``.pt``        :mod:`graphopt.capture.torchscript`     ``torchscript``
+``model.onnx``             :mod:`graphopt.capture.onnx_file`       ``onnx``
 =========================  ======================================  ================
+
+TorchScript and ONNX are recognised by their content, not their extension. For those two
+the Program's ``reference`` runs the original (the ScriptModule; ONNX Runtime on the file).
 
 Every failure is a one-line :class:`~graphopt.errors.CaptureError` naming the source.
 """
@@ -27,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from graphopt.capture import export, factory, module, pickle_file, zoo_source
+from graphopt.capture import export, factory, module, onnx_file, pickle_file, torchscript, zoo_source
 from graphopt.capture.common import KNOWN_FORMATS, sniff_archive, too_big
 from graphopt.errors import CaptureError, UsageError
 from graphopt.program import Program
@@ -35,10 +40,11 @@ from graphopt.program import Program
 __all__ = ["parse_shape", "capture", "SOURCE_KINDS"]
 
 #: The values of ``Program.meta["source_kind"]``.
-SOURCE_KINDS = ("module", "zoo", "factory", "export", "pickle")
+SOURCE_KINDS = ("module", "zoo", "factory", "export", "pickle", "torchscript", "onnx")
 
 _SHAPE = re.compile(r"^[0-9]+(x[0-9]+)*$")
 _EXPORT_SUFFIXES = {".pt2"}
+_ONNX_SUFFIXES = {".onnx"}
 _TORCH_SUFFIXES = {".pt", ".pth"}
 
 
@@ -79,8 +85,9 @@ def capture(
 
     ``source`` is an ``nn.Module`` (a deep copy is traced in eval mode: the model is never
     modified), ``"zoo:NAME"``, ``"pkg.module:callable"`` (called with no arguments), a
-    ``.pt2`` file (``torch.export.save``) or a ``.pt``/``.pth`` file holding a pickled
-    ``nn.Module`` (read only with ``trust_pickle=True``).
+    ``.pt2`` file (``torch.export.save``), a TorchScript file (``torch.jit.save``), an ONNX
+    file, or a ``.pt``/``.pth`` file holding a pickled ``nn.Module`` (read only with
+    ``trust_pickle=True``).
 
     ``input_shapes`` (one per model input) override the shapes the source knows;
     ``example_inputs`` are an alternative that fixes the input values too. ``weights``
@@ -110,7 +117,7 @@ def capture(
         return _from_file(path, text, suffix, inputs, input_shapes, weights, trust_pickle)
     if isinstance(source, str) and factory.is_factory_spec(text):
         return factory.from_factory(text, input_shapes=input_shapes, example_inputs=inputs, weights=weights)
-    if suffix in _EXPORT_SUFFIXES | _TORCH_SUFFIXES or (":" not in text and (os.sep in text or "/" in text)):
+    if suffix in _EXPORT_SUFFIXES | _TORCH_SUFFIXES | _ONNX_SUFFIXES or (":" not in text and (os.sep in text or "/" in text)):
         raise CaptureError(f"'{text}' does not exist")
     what = f"unknown model format '{suffix}'" if suffix else "unknown model source"
     raise CaptureError(f"'{text}': {what}; {KNOWN_FORMATS}{_zoo_hint(text)}")
@@ -131,6 +138,10 @@ def _from_file(
     weights: str | os.PathLike[str] | None,
     trust_pickle: bool,
 ) -> Program:
+    if path.stat().st_size and suffix not in _EXPORT_SUFFIXES | _TORCH_SUFFIXES and onnx_file.looks_like_onnx(path):
+        if weights is not None:
+            raise CaptureError(f"--weights applies to pkg.module:callable and zoo:NAME sources; '{name}' carries its own weights")
+        return onnx_file.from_onnx(path, name, input_shapes=input_shapes, example_inputs=inputs)
     if suffix not in _EXPORT_SUFFIXES | _TORCH_SUFFIXES:
         what = f"unknown model format '{suffix}'" if suffix else "unknown model format (no file extension)"
         raise CaptureError(f"'{name}': {what}; {KNOWN_FORMATS}")
@@ -142,7 +153,7 @@ def _from_file(
         raise CaptureError(f"'{name}' is empty")
     kind = sniff_archive(path)  # trust the content over the extension
     if kind == "torchscript":
-        raise pickle_file.torchscript_error(name)
+        return torchscript.from_torchscript(path, name, input_shapes=input_shapes, example_inputs=inputs)
     if kind == "export" or (suffix in _EXPORT_SUFFIXES and kind != "torch-save"):
         return export.from_export(path, name, input_shapes=input_shapes, example_inputs=inputs)
     return pickle_file.from_pickle(path, name, input_shapes=input_shapes, example_inputs=inputs, trust_pickle=trust_pickle)

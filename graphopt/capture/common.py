@@ -38,10 +38,11 @@ __all__ = [
     "sanitize_name",
     "choices_of_callables",
     "finish",
+    "Reference",
 ]
 
 #: How the unknown-format message lists what graphopt reads.
-KNOWN_FORMATS = "graphopt reads .pt2 (torch.export), .pt/.pth (PyTorch), pkg.module:callable, zoo:NAME"
+KNOWN_FORMATS = "graphopt reads .pt2 (torch.export), .pt/.pth (PyTorch, TorchScript), .onnx, pkg.module:callable, zoo:NAME"
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _CAPTURE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -223,6 +224,18 @@ def choices_of_callables(module: Any) -> str:
         n for n, v in vars(module).items()
         if not n.startswith("_") and callable(v) and getattr(v, "__module__", None) == name
     )
+
+
+class Reference:
+    """Runs the original of a file source in its own runtime (``Program.reference``); ``runtime`` names it.
+
+    Shared, never copied, by ``Program.clone()``: it holds a session or a ScriptModule, not graph state.
+    """
+
+    runtime = "the captured graph"
+
+    def __deepcopy__(self, memo: dict) -> "Reference":
+        return self
 
 
 # --------------------------------------------------------------------------- finishing

@@ -20,7 +20,7 @@ from graphopt.capture.safe_pt2 import load_pt2, module_of
 from graphopt.errors import CaptureError
 from graphopt.program import Program
 
-__all__ = ["load_exported", "from_export"]
+__all__ = ["load_exported", "to_module_level", "strip_export_meta", "from_export"]
 
 
 @contextlib.contextmanager
@@ -104,13 +104,19 @@ def _to_inference(gm: torch.fx.GraphModule) -> bool:
 _KEEP_META = ("stack_trace", "nn_module_stack")
 
 
-def _strip_export_meta(gm: torch.fx.GraphModule) -> None:
+def strip_export_meta(gm: torch.fx.GraphModule) -> None:
     """Keep where each node came from; drop export's fake tensors (tied to its FakeTensorMode)
     and provenance records. ShapeProp fills ``tensor_meta`` afresh."""
     for node in gm.graph.nodes:
         kept = {k: node.meta[k] for k in _KEEP_META if k in node.meta}
         node.meta.clear()
         node.meta.update(kept)
+
+
+def to_module_level(unlifted: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, bool]:
+    """An unlifted ATen graph in inference semantics, raised to modules; and whether it was in training mode."""
+    was_training = _to_inference(unlifted)
+    return raise_to_modules(unlifted), was_training
 
 
 def from_export(
@@ -128,15 +134,14 @@ def from_export(
             unlifted = module_of(exported)
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(f"'{name}' is not a readable torch.export archive: {first_line(exc)}") from exc
-    was_training = _to_inference(unlifted)
-    gm = raise_to_modules(unlifted)
+    gm, was_training = to_module_level(unlifted)
     meta: dict[str, Any] = {"source": name, "source_kind": "export", "file": os.path.abspath(path)}
     if was_training:
         meta["training_mode_was"] = True
     if example_inputs is not None:
-        _strip_export_meta(gm)
+        strip_export_meta(gm)
         return finish(gm, label, meta, example_inputs=example_inputs, given_as="example input")
     recorded, dtypes = _recorded_inputs(gm, name, need_shapes=input_shapes is None)
     shapes = check_shapes(input_shapes, label) if input_shapes is not None else recorded
-    _strip_export_meta(gm)
+    strip_export_meta(gm)
     return finish(gm, label, meta, shapes=shapes, dtypes=dtypes if len(dtypes) == len(shapes) else None)

@@ -29,8 +29,8 @@ _GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 def torchscript_error(name: str) -> CaptureError:
     return CaptureError(
-        f"'{name}' is a TorchScript archive; graphopt does not read TorchScript: export the model with "
-        "torch.export.export(model, example_inputs) and torch.export.save(..., 'model.pt2'), then compile the .pt2"
+        f"'{name}' is a TorchScript archive, not a pickled nn.Module; compile it as a source: "
+        f"graphopt compile {name} --input-shape 1x3x224x224"
     )
 
 
