@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.pipeline import PassRecord
-from graphopt.verify import Comparison, Metrics, Tolerance
+from graphopt.verify import TOP1_RULE, Comparison, Metrics, Tolerance
 
 __all__ = ["Report", "Verification"]
 
@@ -34,6 +34,7 @@ class Verification:
             "metrics": self.metrics.to_json(),
             "tolerance": self.tolerance.to_json(),
             "samples": self.samples,
+            "top1_rule": TOP1_RULE,
             "violations": self.violations,
             "worst": worst,
         }
@@ -110,6 +111,8 @@ class Report:
             v = self.verification
             m = v.metrics
             top1 = "n/a" if m.top1_agreement is None else f"{m.top1_agreement:.3f}"
+            if m.top1_rows:
+                top1 += f" ({m.top1_counted} of {m.top1_rows} rows counted: {TOP1_RULE})"
             status = "[green]PASSED[/green]" if v.passed else "[red]FAILED[/red]"
             console.print(
                 f"verification {status} on {v.samples} inputs: max_abs_err {m.max_abs_err:.3g}, "
