@@ -47,7 +47,8 @@ FUNCTIONS: dict[str, Any] = {
     **_named("torch", torch, "quantize_per_tensor dequantize flatten cat concat concatenate add mul sub div mean relu "
                              "sigmoid tanh chunk split transpose permute reshape squeeze unsqueeze narrow softmax clamp"),
     **_named("torch.nn.functional", F, "relu relu6 hardtanh sigmoid hardsigmoid hardswish silu gelu tanh leaky_relu "
-                                       "layer_norm softmax dropout max_pool1d max_pool2d avg_pool1d avg_pool2d adaptive_avg_pool1d "
+                                       "layer_norm softmax dropout max_pool1d max_pool2d avg_pool1d avg_pool2d "
+                                       "adaptive_avg_pool1d "
                                        "adaptive_avg_pool2d adaptive_max_pool2d"),
     **_named("operator", operator, "getitem add iadd mul imul sub truediv floordiv neg"),
     "builtins.getattr": getattr,  # only as getattr(value, name) with a name in GETATTR_NAMES

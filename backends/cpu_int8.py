@@ -329,6 +329,10 @@ class _Lowering:
             layer = self.sim.get_submodule(str(n.target)) if n.op == "call_module" else None
             if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 self.stats["float_layers"].append(str(n.target))
+            if isinstance(layer, nn.LayerNorm) or n.target is F.layer_norm:
+                # dividing by the row's std amplifies the last-ulp differences of fbgemm's dequantize
+                # into rounding ties at the next quantizer: the simulation is not bit-exact past it
+                self.unmodelled.append(n.name)
         self.qp[n] = None
         self.stats["float_ops"] += 1
 

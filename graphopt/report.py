@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,11 @@ class Report:
                 for k in kept
             )
             lines.append(f"kept in fp32: {why}")
+        floats = quant.get("float_ops") or []
+        if floats:
+            counts = Counter(f["op"] for f in floats)
+            ops = ", ".join(f"{op} x{k}" for op, k in counts.items())
+            lines.append(f"fp32 ops (no int8 kernel, between dequantize and quantize): {ops}")
         cal = self.extra.get("calibration")
         if cal:
             lines.append(f"calibration: {cal['source']}")
