@@ -621,7 +621,7 @@ _ENTRIES = [
              "small SE-ResNet: squeeze-excite (pool, 1x1 convs, Sigmoid) broadcast mul, residual adds"),
     ZooEntry("inception", lambda: _init(Inception()), _IMAGENET, 1000,
              "GoogLeNet-style: 4-branch blocks (1x1, 3x3, 5x5 / double 3x3, pool) joined by torch.cat"),
-    ZooEntry("efficientnet_b0", lambda: _init(EfficientNet(), _SMALL), _IMAGENET, 1000,
+    ZooEntry("efficientnet_b0", lambda: _init(EfficientNet()), _IMAGENET, 1000,
              "EfficientNet-B0: MBConv with SiLU, squeeze-excite (sigmoid gate), stochastic depth (torch.fx.wrap leaf)"),
     ZooEntry("convnext", lambda: _init(ConvNeXt(), _SMALL), _IMAGENET, 1000,
              "compact ConvNeXt: dw 7x7, permute + channels-last LayerNorm + Linear MLP, GELU, layer scale, stochastic depth"),
