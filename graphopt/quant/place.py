@@ -323,8 +323,8 @@ def float_ops(gm: GraphModule) -> list[dict[str, Any]]:
             op = type(m).__name__
         else:
             op = getattr(n.target, "__name__", str(n.target))
-            if op in ("getattr", "getitem", "dequantize", "quantize_per_tensor"):
-                continue
+            if getattr(n.target, "__module__", None) in ("_operator", "builtins") or op in ("dequantize", "quantize_per_tensor"):
+                continue  # arithmetic on sizes (shufflenet's c // groups), getattr: no tensor op
         out.append({"layer": anchor_name(n), "op": op, "reason": NO_INT8_KERNEL})
     return out
 
