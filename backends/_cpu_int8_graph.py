@@ -25,7 +25,7 @@ from graphopt.errors import ArtifactError
 from graphopt.quant import silence_quantized_deprecation
 from graphopt.targets import read_json_document
 
-__all__ = ["save_graph", "load_graph"]
+__all__ = ["save_graph", "load_graph", "set_output_qparams"]
 
 GRAPH_FILE = "graph.json"
 WEIGHTS_FILE = "weights.pt"
@@ -47,7 +47,8 @@ FUNCTIONS: dict[str, Any] = {
     **_named("torch", torch, "quantize_per_tensor dequantize flatten cat concat concatenate add mul sub div mean relu "
                              "sigmoid tanh chunk split transpose permute reshape squeeze unsqueeze narrow softmax clamp"),
     **_named("torch.nn.functional", F, "relu relu6 hardtanh sigmoid hardsigmoid hardswish silu gelu tanh leaky_relu "
-                                       "softmax dropout max_pool1d max_pool2d avg_pool1d avg_pool2d adaptive_avg_pool1d "
+                                       "layer_norm softmax dropout max_pool1d max_pool2d avg_pool1d avg_pool2d "
+                                       "adaptive_avg_pool1d "
                                        "adaptive_avg_pool2d adaptive_max_pool2d"),
     **_named("operator", operator, "getitem add iadd mul imul sub truediv floordiv neg"),
     "builtins.getattr": getattr,  # only as getattr(value, name) with a name in GETATTR_NAMES
@@ -61,7 +62,7 @@ FLOAT_MODULES: dict[str, type] = {
     **_named("torch.nn", nn, "Conv1d Conv2d Linear BatchNorm1d BatchNorm2d ReLU ReLU6 Hardtanh Sigmoid Hardsigmoid "
                              "Hardswish SiLU GELU Tanh LeakyReLU Softmax MaxPool1d MaxPool2d AvgPool1d AvgPool2d "
                              "AdaptiveAvgPool1d AdaptiveAvgPool2d AdaptiveMaxPool2d Flatten Dropout Dropout1d Dropout2d "
-                             "Identity ChannelShuffle"),
+                             "Identity ChannelShuffle LayerNorm"),
     **_named("torch.ao.nn.intrinsic", nni, "ConvReLU1d ConvReLU2d LinearReLU"),
 }
 QUANTIZED_MODULES: dict[str, type] = {
@@ -268,9 +269,21 @@ def _build_module(name: str, entry: dict[str, Any], tensors: dict[str, torch.Ten
                 m.set_weight_bias(tensors[f"{name}.weight"], tensors.get(f"{name}.bias"))
     except KeyError as exc:
         raise ArtifactError(f"weights.pt has no tensor {exc} for module '{name}'") from None
-    m.scale = float(entry["scale"])
-    m.zero_point = int(entry["zero_point"])
+    set_output_qparams(m, float(entry["scale"]), int(entry["zero_point"]))
     return m
+
+
+def set_output_qparams(m: nn.Module, scale: float, zero_point: int) -> None:
+    """Set a quantized module's output scale and zero point.
+
+    Quantized conv/linear keep them as plain attributes; quantized BatchNorm (torch >= 2.10) as
+    buffers, which only take tensors (assigning a float there was an internal error).
+    """
+    if isinstance(getattr(m, "scale", None), torch.Tensor):
+        m.scale = torch.tensor(float(scale), dtype=torch.float32)
+        m.zero_point = torch.tensor(int(zero_point), dtype=torch.int64)
+    else:
+        m.scale, m.zero_point = float(scale), int(zero_point)
 
 
 def save_graph(gm: GraphModule, directory: Path, engine: str, points: dict[str, str] | None = None) -> list[str]:

@@ -320,8 +320,11 @@ def _requantize_after(graph: Any, ops: frozenset[str]) -> int:
         for k, out in enumerate(list(node.outputs)):
             if out.outputs and all(c.op == "QuantizeLinear" for c in out.outputs) and out not in graph.outputs:
                 continue  # already quantized right after (by the program's own quantizer)
-            raw = gs.Variable(f"{out.name}_raw", dtype=out.dtype, shape=out.shape)
-            quant = gs.Variable(f"{out.name}_q", dtype=dq.inputs[0].dtype, shape=out.shape)
+            # typed from the qparams (ONNX: a QuantizeLinear's output has its zero point's type, a
+            # DequantizeLinear's its scale's), not from the neighbours: the exporter leaves
+            # intermediate tensors untyped, and a new graph output must carry a dtype
+            raw = gs.Variable(f"{out.name}_raw", dtype=params[0].dtype, shape=out.shape)
+            quant = gs.Variable(f"{out.name}_q", dtype=params[1].dtype, shape=out.shape)
             node.outputs[k] = raw
             graph.layer(op="QuantizeLinear", name=f"{node.name}_requant_{k}", inputs=[raw, scale, zp], outputs=[quant])
             graph.layer(op="DequantizeLinear", name=f"{node.name}_dequant_{k}", inputs=[quant, scale, zp], outputs=[out])

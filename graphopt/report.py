@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from graphopt.pipeline import PassRecord
-from graphopt.verify import Comparison, Metrics, Tolerance
+from graphopt.verify import TOP1_RULE, Comparison, Metrics, Tolerance
 
 __all__ = ["Report", "Verification"]
 
@@ -34,6 +35,7 @@ class Verification:
             "metrics": self.metrics.to_json(),
             "tolerance": self.tolerance.to_json(),
             "samples": self.samples,
+            "top1_rule": TOP1_RULE,
             "violations": self.violations,
             "worst": worst,
         }
@@ -110,6 +112,8 @@ class Report:
             v = self.verification
             m = v.metrics
             top1 = "n/a" if m.top1_agreement is None else f"{m.top1_agreement:.3f}"
+            if m.top1_rows:
+                top1 += f" ({m.top1_counted} of {m.top1_rows} rows counted: {TOP1_RULE})"
             status = "[green]PASSED[/green]" if v.passed else "[red]FAILED[/red]"
             against = f" against {self.extra['reference']}" if self.extra.get("reference") else ""
             console.print(
@@ -163,6 +167,11 @@ class Report:
                 for k in kept
             )
             lines.append(f"kept in fp32: {why}")
+        floats = quant.get("float_ops") or []
+        if floats:
+            counts = Counter(f["op"] for f in floats)
+            ops = ", ".join(f"{op} x{k}" for op, k in counts.items())
+            lines.append(f"fp32 ops (no int8 kernel, between dequantize and quantize): {ops}")
         cal = self.extra.get("calibration")
         if cal:
             lines.append(f"calibration: {cal['source']}")

@@ -9,8 +9,17 @@ Metrics (over every output tensor of every verification input):
 - ``cosine``: the smallest cosine similarity between flattened output tensors.
 - ``sqnr_db``: the smallest signal-to-quantization-noise ratio, 10·log10(Σref² / Σerr²);
   ``inf`` when the outputs are identical (``null`` in JSON).
-- ``top1_agreement``: the fraction of rows of 2-D ``[batch, classes]`` outputs whose
-  argmax agrees; ``None`` when no output looks like logits.
+- ``top1_agreement``: over the rows of 2-D ``[batch, classes]`` outputs that *count*, the
+  fraction whose argmax agrees; ``None`` when no output looks like logits or no row counts.
+  A row counts when the reference's top-1 margin (top-1 minus top-2 logit) exceeds
+  ``TOP1_NOISE_FACTOR`` (4) times the candidate's noise on that output: the RMS error of that
+  output over every verification input (see :data:`TOP1_RULE`). With noise of RMS sigma on each
+  logit, the gap between two logits moves by noise of std sqrt(2)·sigma, so a counted row flips by
+  chance with probability < 0.3%, while a near-tie (random-weight nets over 1000 classes) is not
+  counted: its top-1 is noise, not a lowering fault. A real flip with a clear margin still counts
+  and fails. (A per-row bound on the row's *own* error would be vacuous: a flipped row carries
+  the error that flipped it, so it would never count.) ``top1_counted`` / ``top1_rows`` say how
+  many rows counted out of how many; cosine and SQNR are held whatever the count.
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ class Metrics:
     cosine: float = 1.0
     sqnr_db: float = math.inf
     top1_agreement: float | None = None
+    top1_counted: int = 0
+    top1_rows: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
@@ -62,6 +73,12 @@ _BOUNDS = (
     ("min_sqnr_db", -math.inf, math.inf),
     ("min_top1", 0.0, 1.0),
 )
+
+
+#: A logits row counts toward top-1 agreement when the reference's top-1 margin exceeds this
+#: many times the RMS error of the candidate on that row.
+TOP1_NOISE_FACTOR = 4.0
+TOP1_RULE = f"rows whose top-1 margin > {TOP1_NOISE_FACTOR:g} x the output's RMS error"
 
 
 @dataclass(frozen=True)
@@ -164,6 +181,25 @@ def _tensor_metrics(ref: torch.Tensor, cand: torch.Tensor) -> Metrics:
     return Metrics(max_abs, max_rel, min(cosine, 1.0), sqnr, None)
 
 
+def _top1(logits: list[tuple[OutputError, torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
+    """Fill the top-1 fields of each ``[batch, classes]`` output by :data:`TOP1_RULE`; (agreeing, counted) rows."""
+    noise: dict[int, list[float]] = {}
+    for e, r, c in logits:  # squared error sum and count per output index, over every input
+        acc = noise.setdefault(e.output, [0.0, 0])
+        acc[0] += float((c.double() - r.double()).pow(2).sum())
+        acc[1] += r.numel()
+    agree = counted = 0
+    for e, r, c in logits:
+        total, n = noise[e.output]
+        top2 = r.double().topk(2, dim=1).values
+        counts = (top2[:, 0] - top2[:, 1]) > TOP1_NOISE_FACTOR * math.sqrt(total / n)
+        same = int(((r.argmax(dim=1) == c.argmax(dim=1)) & counts).sum())
+        k = int(counts.sum())
+        e.metrics.top1_agreement, e.metrics.top1_counted, e.metrics.top1_rows = (same / k if k else None), k, r.shape[0]
+        agree, counted = agree + same, counted + k
+    return agree, counted
+
+
 def check_finite(outputs: Sequence[Any], who: str = "the original model", error: type[GraphoptError] = DataError) -> None:
     """``error`` (a DataError: bad input) naming the first input for which ``outputs`` hold NaN or Inf.
 
@@ -190,7 +226,7 @@ def compare(references: Sequence[Any], candidates: Sequence[Any]) -> Comparison:
         raise ValueError(f"{len(references)} reference outputs but {len(candidates)} candidate outputs")
     total = Metrics()
     per_output: list[OutputError] = []
-    agree = rows = 0
+    logits: list[tuple[OutputError, torch.Tensor, torch.Tensor]] = []
     for i, (ref, cand) in enumerate(zip(references, candidates)):
         refs, cands = flatten_outputs(ref), flatten_outputs(cand)
         if len(refs) != len(cands):
@@ -199,17 +235,16 @@ def compare(references: Sequence[Any], candidates: Sequence[Any]) -> Comparison:
             if tuple(r.shape) != tuple(c.shape):
                 raise ValueError(f"sample {i}, output {k}: shape {tuple(c.shape)} differs from the original's {tuple(r.shape)}")
             m = _tensor_metrics(r, c)
-            if r.dim() == 2 and r.shape[1] > 1 and r.dtype.is_floating_point:
-                same = (r.argmax(dim=1) == c.argmax(dim=1)).sum().item()
-                agree += int(same)
-                rows += r.shape[0]
-                m.top1_agreement = same / r.shape[0]
             per_output.append(OutputError(i, k, tuple(r.shape), m))
+            if r.dim() == 2 and r.shape[1] > 1 and r.dtype.is_floating_point:
+                logits.append((per_output[-1], r.detach(), c.detach()))
             total.max_abs_err = max(total.max_abs_err, m.max_abs_err)
             total.max_rel_err = max(total.max_rel_err, m.max_rel_err)
             total.cosine = min(total.cosine, m.cosine)
             total.sqnr_db = min(total.sqnr_db, m.sqnr_db)
-    total.top1_agreement = agree / rows if rows else None
+    agree, counted = _top1(logits)
+    total.top1_rows = sum(e.shape[0] for e, _, _ in logits)
+    total.top1_agreement, total.top1_counted = (agree / counted if counted else None), counted
     if not sum(math.prod(e.shape) for e in per_output):
         raise VerificationError(f"nothing to compare: {len(references)} inputs, {len(per_output)} output tensors, "
                                 "0 values; a check without values cannot pass")

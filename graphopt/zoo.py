@@ -3,8 +3,8 @@
 Every model traces with ``torch.fx.symbolic_trace`` into a module-level graph: Conv2d,
 BatchNorm2d, Linear, activations, pooling and Dropout are ``call_module`` nodes, while
 residual adds, ``torch.cat``, ``chunk``, ``view``/``transpose`` and broadcast ``mul`` are
-functional. Each BatchNorm directly follows a bias-free conv used once (so it can always be
-folded) and has non-trivial affine parameters and running statistics (see ``_init``);
+functional. Each BatchNorm (and LayerNorm) has non-trivial affine parameters and running statistics
+(see ``_init``); all but ``densenet121``'s pre-activation ones follow a bias-free conv used once;
 activations stay O(1) through the deep nets. Every model ends in ``AdaptiveAvgPool2d`` and
 therefore also runs at small spatial sizes (e.g. 64x64); only ``digits_cnn`` is 8x8.
 
@@ -71,6 +71,9 @@ def _init(model: nn.Module, calibration_shape: tuple[int, ...] = (4, 3, 112, 112
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 1.0 / math.sqrt(m.in_features))
                 nn.init.normal_(m.bias, 0.0, 0.01)
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
         for bn in bns:
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.normal_(0.0, 0.1)
@@ -366,6 +369,224 @@ class Inception(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
 
 
+# --------------------------------------------------------------------------- stochastic depth (torchvision's way)
+
+
+def stochastic_depth(x: Tensor, p: float, mode: str, training: bool = True) -> Tensor:
+    """Drop whole residual branches with probability ``p`` in training; the identity in eval mode.
+
+    Written as ``torchvision.ops.stochastic_depth`` is, including ``torch.fx.wrap``: the
+    capture therefore sees a leaf ``call_function`` (which it removes in eval mode).
+    """
+    if not training or p == 0.0:
+        return x
+    size = [x.shape[0]] + [1] * (x.ndim - 1) if mode == "row" else [1] * x.ndim
+    noise = torch.empty(size, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
+    return x * noise.div_(1.0 - p)
+
+
+torch.fx.wrap("stochastic_depth")
+
+
+class StochasticDepth(nn.Module):
+    def __init__(self, p: float, mode: str = "row") -> None:
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        return stochastic_depth(x, self.p, self.mode, self.training)
+
+
+# --------------------------------------------------------------------------- EfficientNet
+
+
+class MBConv(nn.Module):
+    """1x1 expand (SiLU) -> kxk depthwise (SiLU) -> squeeze-excite (SiLU, sigmoid gate) -> 1x1 project [+ input]."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int, drop: float) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers = [] if expand == 1 else [_conv_bn(cin, hidden, 1, act=nn.SiLU)]
+        layers += [_conv_bn(hidden, hidden, k, stride, groups=hidden, act=nn.SiLU)]
+        self.conv = nn.Sequential(*layers)
+        squeeze = max(1, cin // 4)
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(hidden, squeeze, 1), nn.SiLU(), nn.Conv2d(squeeze, hidden, 1),
+                                nn.Sigmoid())
+        self.project = _conv_bn(hidden, cout, 1, act=None)
+        self.use_residual = stride == 1 and cin == cout
+        self.drop = StochasticDepth(drop)
+
+    def residual_bn(self) -> nn.BatchNorm2d | None:
+        return self.project[1] if self.use_residual else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv(x)
+        out = self.project(out * self.se(out))
+        return x + self.drop(out) if self.use_residual else out
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet-B0 (torchvision layout): MBConv stages, stochastic depth rising to 0.2, dropout + Linear."""
+
+    # expansion, channels, repeats, stride, kernel
+    CONFIG = [(1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 40, 2, 2, 5), (6, 80, 3, 2, 3), (6, 112, 3, 1, 5), (6, 192, 4, 2, 5),
+              (6, 320, 1, 1, 3)]
+
+    def __init__(self, num_classes: int = 1000, drop_path: float = 0.2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_conv_bn(3, 32, 3, 2, act=nn.SiLU)]
+        total, cin, i = sum(n for _, _, n, _, _ in self.CONFIG), 32, 0
+        for t, c, n, s, k in self.CONFIG:
+            for j in range(n):
+                layers.append(MBConv(cin, c, k, s if j == 0 else 1, t, drop_path * i / total))
+                cin, i = c, i + 1
+        layers.append(_conv_bn(cin, 1280, 1, act=nn.SiLU))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+# --------------------------------------------------------------------------- ConvNeXt
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor, through channels-last (permute, LayerNorm, permute back)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """dw 7x7 -> permute to NHWC -> LayerNorm -> Linear(4C) -> GELU -> Linear(C) -> permute back -> layer scale
+    -> stochastic depth -> + input (torchvision's CNBlock)."""
+
+    def __init__(self, dim: int, drop: float) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.layer_scale = nn.Parameter(torch.empty(dim, 1, 1).uniform_(0.1, 0.5))
+        self.drop = StochasticDepth(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        out = self.fc2(self.act(self.fc1(out))).permute(0, 3, 1, 2)
+        return x + self.drop(self.layer_scale * out)
+
+
+class ConvNeXt(nn.Module):
+    """Compact ConvNeXt: 4x4/4 patchify stem + LayerNorm2d, stages of CNBlocks, LayerNorm2d + 2x2/2 conv downsampling."""
+
+    def __init__(self, depths: tuple[int, ...] = (1, 1, 2, 1), dims: tuple[int, ...] = (32, 64, 128, 256), num_classes: int = 1000,
+                 drop_path: float = 0.1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, dims[0], 4, 4), LayerNorm2d(dims[0], eps=1e-6)]
+        total, i = sum(depths), 0
+        for s, (depth, dim) in enumerate(zip(depths, dims)):
+            if s > 0:
+                layers += [LayerNorm2d(dims[s - 1], eps=1e-6), nn.Conv2d(dims[s - 1], dim, 2, 2)]
+            for _ in range(depth):
+                layers.append(ConvNeXtBlock(dim, drop_path * i / total))
+                i += 1
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(LayerNorm2d(dims[-1], eps=1e-6), nn.Flatten(1), nn.Linear(dims[-1], num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.avgpool(self.features(x)))
+
+
+# --------------------------------------------------------------------------- SqueezeNet
+
+
+class Fire(nn.Module):
+    """1x1 squeeze (ReLU) -> concat of 1x1 and 3x3 expands (ReLU); convs with bias, no BatchNorm."""
+
+    def __init__(self, cin: int, squeeze: int, expand: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Sequential(nn.Conv2d(cin, squeeze, 1), nn.ReLU())
+        self.expand1x1 = nn.Sequential(nn.Conv2d(squeeze, expand, 1), nn.ReLU())
+        self.expand3x3 = nn.Sequential(nn.Conv2d(squeeze, expand, 3, padding=1), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.squeeze(x)
+        return torch.cat([self.expand1x1(x), self.expand3x3(x)], 1)
+
+
+class SqueezeNet(nn.Module):
+    """SqueezeNet 1.1: fire modules, ceil-mode max pools, dropout + 1x1-conv classifier (ReLU) + global pool."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 3, 2), nn.ReLU(), pool(), Fire(64, 16, 64), Fire(128, 16, 64), pool(), Fire(128, 32, 128),
+            Fire(256, 32, 128), pool(), Fire(256, 48, 192), Fire(384, 48, 192), Fire(384, 64, 256), Fire(512, 64, 256),
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(512, num_classes, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+# --------------------------------------------------------------------------- DenseNet-121 (pre-activation)
+
+
+class PreActDenseLayer(nn.Module):
+    """torchvision's _DenseLayer: BN-ReLU-conv1x1 (4k) - BN-ReLU-conv3x3 (k) over the concatenated inputs.
+
+    The first BatchNorm reads a ``torch.cat`` and so cannot be folded into a conv.
+    """
+
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.norm1, self.relu1 = nn.BatchNorm2d(cin), nn.ReLU()
+        self.conv1 = nn.Conv2d(cin, 4 * growth, 1, bias=False)
+        self.norm2, self.relu2 = nn.BatchNorm2d(4 * growth), nn.ReLU()
+        self.conv2 = nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        out = self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
+        return self.conv2(self.relu2(self.norm2(out)))
+
+
+class PreActDenseNet(nn.Module):
+    """DenseNet-121 (torchvision layout): growth 32, blocks (6, 12, 24, 16), BN-ReLU-conv1x1-avgpool transitions,
+    final BN-ReLU."""
+
+    def __init__(self, growth: int = 32, blocks: tuple[int, ...] = (6, 12, 24, 16), num_classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(_conv_bn(3, 64, 7, 2), nn.MaxPool2d(3, 2, 1))
+        self.blocks, self.transitions = nn.ModuleList(), nn.ModuleList()
+        c = 64
+        for i, n in enumerate(blocks):
+            self.blocks.append(nn.ModuleList(PreActDenseLayer(c + j * growth, growth) for j in range(n)))
+            c += n * growth
+            if i < len(blocks) - 1:
+                self.transitions.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False),
+                                                      nn.AvgPool2d(2, 2)))
+                c //= 2
+        self.norm, self.relu = nn.BatchNorm2d(c), nn.ReLU()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            features = [x]
+            for layer in block:
+                features.append(layer(features))
+            x = torch.cat(features, 1)
+            if i < len(self.transitions):
+                x = self.transitions[i](x)
+        return self.fc(torch.flatten(self.avgpool(self.relu(self.norm(x))), 1))
+
+
 # --------------------------------------------------------------------------- digits CNN
 
 
@@ -384,6 +605,7 @@ class DigitsCNN(nn.Module):
 # --------------------------------------------------------------------------- registry
 
 _IMAGENET = (1, 3, 224, 224)
+_SMALL = (4, 3, 64, 64)  # calibration batch of _init for the newer, deeper families (faster to build)
 _ENTRIES = [
     ZooEntry("resnet18", lambda: _init(ResNet(BasicBlock, [2, 2, 2, 2])), _IMAGENET, 1000,
              "ResNet-18: BasicBlock residual adds, strided 1x1 downsample convs, max pool"),
@@ -399,6 +621,14 @@ _ENTRIES = [
              "small SE-ResNet: squeeze-excite (pool, 1x1 convs, Sigmoid) broadcast mul, residual adds"),
     ZooEntry("inception", lambda: _init(Inception()), _IMAGENET, 1000,
              "GoogLeNet-style: 4-branch blocks (1x1, 3x3, 5x5 / double 3x3, pool) joined by torch.cat"),
+    ZooEntry("efficientnet_b0", lambda: _init(EfficientNet()), _IMAGENET, 1000,
+             "EfficientNet-B0: MBConv with SiLU, squeeze-excite (sigmoid gate), stochastic depth (torch.fx.wrap leaf)"),
+    ZooEntry("convnext", lambda: _init(ConvNeXt(), _SMALL), _IMAGENET, 1000,
+             "compact ConvNeXt: dw 7x7, permute + channels-last LayerNorm + Linear MLP, GELU, layer scale, stochastic depth"),
+    ZooEntry("squeezenet", lambda: _init(SqueezeNet(), _SMALL), _IMAGENET, 1000,
+             "SqueezeNet 1.1: fire modules (cat of 1x1 and 3x3 expands), biased convs without BatchNorm, conv classifier"),
+    ZooEntry("densenet121", lambda: _init(PreActDenseNet(), _SMALL), _IMAGENET, 1000,
+             "DenseNet-121: pre-activation BN-ReLU-conv layers over torch.cat (unfoldable BatchNorm), transitions"),
     ZooEntry("digits_cnn", lambda: _init(DigitsCNN(), (8, 1, 8, 8)), (1, 1, 8, 8), 10,
              "small CNN for 8x8 digits: conv-BN-ReLU x3, max pool, nn.Flatten, Linear"),
 ]

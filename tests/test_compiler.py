@@ -41,7 +41,8 @@ def test_compile_a_module_writes_a_loadable_artifact_and_leaves_the_model_alone(
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert REPORT_KEYS <= set(report)
-    assert set(report["verification"]["metrics"]) == {"max_abs_err", "max_rel_err", "cosine", "sqnr_db", "top1_agreement"}
+    assert set(report["verification"]["metrics"]) == {"max_abs_err", "max_rel_err", "cosine", "sqnr_db", "top1_agreement",
+                                                        "top1_counted", "top1_rows"}
     assert report["verification"]["passed"] is True
     assert {"name", "seconds", "nodes_before", "nodes_after", "changed", "detail"} <= set(report["passes"][0])
     assert report["macs"]["compiled"] == report["macs"]["original"] > 0  # fusion does not change MACs

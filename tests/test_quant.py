@@ -163,7 +163,7 @@ def test_quant_info_is_typed_and_round_trips_through_json():
     assert isinstance(info, QuantInfo) and isinstance(info.config, QuantConfig)
     data = json.loads(json.dumps(info.to_json()))
     assert list(data) == ["config", "calibration_samples", "activations", "weights", "quantized_layers", "kept_fp32",
-                          "output_scales", "keep_fp32_auto"]
+                          "output_scales", "keep_fp32_auto", "float_ops"]
     assert data["config"] == {"activations": "s8", "observer": "minmax", "per_channel": True, "reduce_range": False,
                               "skip": ["fc"]}
     assert data["quantized_layers"] == sorted(info.weights) and data["calibration_samples"] == 3

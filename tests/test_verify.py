@@ -35,9 +35,12 @@ def test_metrics_match_hand_computed_values():
 
 
 def test_top1_disagreement_and_worst():
-    ref = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-    cand = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    ref = torch.zeros(2, 10)
+    ref[0, 1] = ref[1, 0] = 5.0
+    cand = ref.clone()
+    cand[0, 0], cand[0, 1] = 5.0, 0.0  # row 0 flips; the output's RMS error 1.12 x 4 < margin 5: it counts
     c = compare([ref, ref], [cand, ref])
+    assert (c.metrics.top1_counted, c.metrics.top1_rows) == (4, 4)
     assert c.metrics.top1_agreement == pytest.approx(0.75)
     assert c.worst(1)[0].sample == 0
 
@@ -94,3 +97,38 @@ def test_bad_golden_files(tmp_path):
     np.savez(other, a=np.zeros(2))
     with pytest.raises(ArtifactError, match="not a graphopt golden file"):
         load_golden(other)
+
+
+def test_near_tied_logits_are_not_counted_and_do_not_fail_top1():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(8, 1000, generator=g)
+    ref[:, 0] = ref.max(dim=1).values + 1e-3  # reference top-1 ahead by a hair
+    cand = ref + 0.05 * torch.randn(8, 1000, generator=g)  # int8-like noise, far above the margin
+    cand[:, 1] = ref[:, 0] + 0.01  # and every argmax flips
+    m = compare([ref], [cand]).metrics
+    assert (m.top1_counted, m.top1_rows, m.top1_agreement) == (0, 8, None)
+    assert default_tolerance("int8").violations(m) == []  # cosine still holds; top-1 is not judged on noise
+    assert m.cosine > 0.99
+
+
+def test_clear_margin_flip_is_counted_and_fails_top1():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(4, 1000, generator=g)
+    ref[:, 7] = ref.max(dim=1).values + 3.0  # clear margin: 3 vs RMS noise ~0.01
+    cand = ref + 0.01 * torch.randn(4, 1000, generator=g)
+    cand[:2, 7] -= 4.0  # a real fault on the top class of two rows
+    m = compare([ref], [cand]).metrics
+    assert (m.top1_counted, m.top1_rows) == (4, 4)
+    assert m.top1_agreement == pytest.approx(0.5)
+    assert any(v.startswith("top1_agreement 0.500") for v in default_tolerance("int8").violations(m))
+
+
+def test_top1_rule_is_in_report_json():
+    from graphopt.report import Verification
+    from graphopt.verify import TOP1_RULE
+
+    ref = torch.tensor([[0.0, 5.0, 1.0]])
+    c = compare([ref], [ref + 0.01])
+    v = Verification(True, c.metrics, default_tolerance("int8"), 1, comparison=c).to_json()
+    assert v["top1_rule"] == TOP1_RULE
+    assert (v["metrics"]["top1_counted"], v["metrics"]["top1_rows"], v["metrics"]["top1_agreement"]) == (1, 1, 1.0)

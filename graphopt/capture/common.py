@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from graphopt.capture.leaves import resolve_leaf_functions
 from graphopt.errors import CaptureError, choices
 from graphopt.fx_util import describe
 from graphopt.program import MAX_INPUT_BYTES, InputSpec, Program, flatten_outputs, input_bytes, size_text
@@ -332,6 +333,7 @@ def finish(
             for p, s, d in zip(placeholders, shapes or (), kinds)
         )
 
+    leaves = resolve_leaf_functions(gm, inputs, label)
     recorder = _NodeRecorder(gm)
     try:
         with torch.no_grad():
@@ -346,6 +348,8 @@ def finish(
     check_deterministic(original if original is not None else gm, inputs, label)
 
     meta = dict(meta)
+    if leaves:
+        meta["leaf_functions"] = leaves
     meta["input_shapes"] = [list(t.shape) for t in inputs]
     program = Program(gm, inputs, meta)
     program.propagate_shapes()

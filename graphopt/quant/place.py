@@ -66,6 +66,9 @@ class QuantInfo:
     output_scales: list[float | None]
     #: what ``keep-fp32=[auto]`` measured and chose (None when it did not run)
     keep_fp32_auto: dict[str, Any] | None = None
+    #: compute ops that run in fp32 because no int8 lowering has a kernel for them (SiLU, Sigmoid,
+    #: GELU, LayerNorm, ...): {"layer", "op", "reason"}
+    float_ops: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def quantized_layers(self) -> list[str]:
@@ -77,12 +80,14 @@ class QuantInfo:
                "kept_fp32": self.kept_fp32, "output_scales": self.output_scales}
         if self.keep_fp32_auto is not None:
             out["keep_fp32_auto"] = self.keep_fp32_auto
+        out["float_ops"] = self.float_ops
         return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> QuantInfo:
         return cls(QuantConfig.from_json(d["config"]), int(d["calibration_samples"]), dict(d["activations"]),
-                   dict(d["weights"]), list(d["kept_fp32"]), list(d["output_scales"]), d.get("keep_fp32_auto"))
+                   dict(d["weights"]), list(d["kept_fp32"]), list(d["output_scales"]), d.get("keep_fp32_auto"),
+                   list(d.get("float_ops", [])))
 
 
 @dataclass
@@ -298,7 +303,30 @@ def summary(gm: GraphModule, config: QuantConfig, kept_fp32: list[dict[str, Any]
             s = m.weight_fq.scale
             weights[name] = {"type": type(m.layer).__name__, "channels": int(s.numel()),
                              "scale_min": float(s.min()), "scale_max": float(s.max())}
-    return QuantInfo(config, calibration_samples, acts, weights, kept_fp32, output_scales(gm))
+    return QuantInfo(config, calibration_samples, acts, weights, kept_fp32, output_scales(gm), float_ops=float_ops(gm))
+
+
+#: Why an op of these kinds stays fp32 in every int8 lowering (cpu-int8 and ort-int8).
+NO_INT8_KERNEL = "no int8 kernel in the cpu-int8/ort-int8 lowerings: runs in fp32 between dequantize and quantize"
+
+
+def float_ops(gm: GraphModule) -> list[dict[str, Any]]:
+    """The compute ops of a simulated graph that run in fp32 (``OpKind.FLOAT`` modules and functions)."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op not in ("call_module", "call_function") or op_kind(gm, n) is not OpKind.FLOAT:
+            continue
+        if n.op == "call_module":
+            m = gm.get_submodule(str(n.target))
+            if isinstance(m, (ActFakeQuant, QuantLayer)) or type(m).__module__.startswith("graphopt"):
+                continue
+            op = type(m).__name__
+        else:
+            op = getattr(n.target, "__name__", str(n.target))
+            if getattr(n.target, "__module__", None) in ("_operator", "builtins") or op in ("dequantize", "quantize_per_tensor"):
+                continue  # arithmetic on sizes (shufflenet's c // groups), getattr: no tensor op
+        out.append({"layer": anchor_name(n), "op": op, "reason": NO_INT8_KERNEL})
+    return out
 
 
 def output_scales(gm: GraphModule) -> list[float | None]:

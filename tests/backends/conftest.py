@@ -9,6 +9,7 @@ import torch
 import torch.fx
 
 from graphopt import zoo
+from graphopt.capture.leaves import resolve_leaf_functions
 from graphopt.pipeline import PassManager, parse_pipeline
 from graphopt.program import Program
 
@@ -25,7 +26,9 @@ def compile_zoo(host, name: str, target: str, *, pipeline: str | None = None, si
     model = zoo.build(name)
     shape = zoo_shape(name, size)
     g = torch.Generator().manual_seed(seed)
-    program = Program(torch.fx.symbolic_trace(model), (torch.randn(shape, generator=g),))
+    gm, example = torch.fx.symbolic_trace(model), (torch.randn(shape, generator=g),)
+    resolve_leaf_functions(gm, example, name)  # as capture does: stochastic depth is removed
+    program = Program(gm, example)
     program.propagate_shapes()
     batches, batch = calibration
     program.calibration = [(torch.randn((batch, *shape[1:]), generator=g),) for _ in range(batches)]
