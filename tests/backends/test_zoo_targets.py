@@ -17,11 +17,12 @@ TARGETS = ("cpu-fp32", "cpu-int8", "ort-int8")
 
 
 #: Random-weight nets whose *quantization* error (simulated int8 vs fp32, before any lowering)
-#: misses the default int8 cosine bound of 0.98 with 4 random calibration batches at 48x48:
+#: misses the default int8 cosine bound of 0.98 with random calibration batches at 48x48:
 #: DenseNet-121 cosine ~0.955 (SQNR ~10.5 dB) on both int8 targets; the lowering error is within
 #: its bound. (EfficientNet-B0 was at 0.96 when its BatchNorm statistics came from 64x64 inputs;
 #: from 112x112 ones it reaches 0.993.) Strict: the day it passes, this list must shrink.
-INT8_QUALITY_OPEN = {"densenet121"}
+#: ShuffleNetV2 on cpu-int8: 0.9799 with 16 batches (0.974 with 32, 0.966 at 64x64; ort-int8 passes).
+INT8_QUALITY_OPEN = {"densenet121": ("cpu-int8", "ort-int8"), "shufflenet_v2": ("cpu-int8",)}
 
 
 def _cases():
@@ -29,15 +30,16 @@ def _cases():
         for target in TARGETS:
             marks = [pytest.mark.xfail(strict=True, raises=VerificationError,
                                        reason="int8 quantization error of this random-weight net: see INT8_QUALITY_OPEN")
-                     ] if name in INT8_QUALITY_OPEN and target.endswith("int8") else []
+                     ] if target in INT8_QUALITY_OPEN.get(name, ()) else []
             yield pytest.param(name, target, marks=marks, id=f"{name}-{target}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, target", list(_cases()))
 def test_zoo_model_verifies_on_target(name, target):
-    result = graphopt.compile(zoo.build(name), target=target, input_shapes=[zoo_shape(name)], calib_samples=4,
+    result = graphopt.compile(zoo.build(name), target=target, input_shapes=[zoo_shape(name)], calib_samples=16,
                               verify_samples=4, measure=False)  # raises (exit 1/5) on any failure
+    # 16 calibration batches: with 4, MobileNetV2's and ShuffleNetV2's ranges are noise (cosine 0.975-0.979)
     v = result.report.verification
     assert v.passed and not v.violations
     assert v.metrics.cosine >= (0.9999 if target == "cpu-fp32" else 0.98)
