@@ -89,18 +89,15 @@ class _ActQDQ:
     """An activation quantizer, as a plain Python value the exporter passes to ``symbolic``."""
 
     point: str  # the simulated graph's quantizer node
-    scale: float
-    zero_point: int
-    quant_min: int
-    quant_max: int
+    qp: QParams
 
     @property
     def onnx_dtype(self) -> torch.dtype:
-        return torch.uint8 if self.quant_min >= 0 else torch.int8
+        return torch.uint8 if self.qp.quant_min >= 0 else torch.int8
 
     @property
     def full_range(self) -> bool:
-        return (self.quant_min, self.quant_max) in ((0, 255), (-128, 127))
+        return (self.qp.quant_min, self.qp.quant_max) in ((0, 255), (-128, 127))
 
 
 class _QDQFunction(torch.autograd.Function):
@@ -108,15 +105,17 @@ class _QDQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, q: _ActQDQ) -> torch.Tensor:  # type: ignore[override]
-        return torch.fake_quantize_per_tensor_affine(x, q.scale, q.zero_point, q.quant_min, q.quant_max)
+        qp = q.qp
+        return torch.fake_quantize_per_tensor_affine(x, qp.scale, qp.zero_point, qp.quant_min, qp.quant_max)
 
     @staticmethod
     def symbolic(g: Any, x: Any, q: _ActQDQ) -> Any:
-        scale = g.op("Constant", value_t=torch.tensor(q.scale, dtype=torch.float32))
-        zp = g.op("Constant", value_t=torch.tensor(q.zero_point, dtype=q.onnx_dtype))
+        qp = q.qp
+        scale = g.op("Constant", value_t=torch.tensor(qp.scale, dtype=torch.float32))
+        zp = g.op("Constant", value_t=torch.tensor(qp.zero_point, dtype=q.onnx_dtype))
         if not q.full_range:  # ONNX saturates at the full 8-bit range; the simulation at [qmin, qmax]
-            lo = g.op("Constant", value_t=torch.tensor((q.quant_min - q.zero_point) * q.scale, dtype=torch.float32))
-            hi = g.op("Constant", value_t=torch.tensor((q.quant_max - q.zero_point) * q.scale, dtype=torch.float32))
+            lo = g.op("Constant", value_t=torch.tensor((qp.quant_min - qp.zero_point) * qp.scale, dtype=torch.float32))
+            hi = g.op("Constant", value_t=torch.tensor((qp.quant_max - qp.zero_point) * qp.scale, dtype=torch.float32))
             x = g.op("Clip", x, lo, hi)
         # The attribute names the simulated quantizer; graph surgery reads it and removes it.
         q_node = g.op("QuantizeLinear", x, scale, zp, **{f"{POINT_ATTR}_s": q.point})
@@ -205,8 +204,7 @@ def _qdq_module(sim: GraphModule) -> tuple[GraphModule, dict[str, int]]:
             target = str(n.target)
             m = sim.get_submodule(target)
             if isinstance(m, ActFakeQuant):
-                qp: QParams = m.qparams
-                root[target] = _ActMarker(_ActQDQ(sim_name[n], qp.scale, qp.zero_point, qp.quant_min, qp.quant_max))
+                root[target] = _ActMarker(_ActQDQ(sim_name[n], m.qparams))
                 counts["activation_quantizers"] += 1
             elif isinstance(m, QuantLayer):
                 root[target] = _QDQLayer(target, m)
