@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from graphopt.errors import LoweringError
+from graphopt.errors import LoweringError, first_line
 from graphopt.fx_util import describe
 from graphopt.program import Program
 
@@ -65,12 +65,6 @@ def _quiet_export() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # legacy-exporter deprecation, tracer warnings
         yield
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
-    return line if len(line) <= 300 else line[:299] + "…"
 
 
 def _torchscript_export(module: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str],
@@ -145,7 +139,7 @@ def _diagnose(gm: GraphModule, example: tuple[torch.Tensor, ...]) -> str | None:
             _Record(gm).run(*example)
     except Exception as exc:  # the graph does not even run: name where
         bad = next((n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and n not in values), None)
-        return f"{describe(gm, bad)} fails to run: {_first_line(exc)}" if bad is not None else None
+        return f"{describe(gm, bad)} fails to run: {first_line(exc)}" if bad is not None else None
     for n in gm.graph.nodes:
         if n.op not in ("call_module", "call_function", "call_method"):
             continue
@@ -161,7 +155,7 @@ def _diagnose(gm: GraphModule, example: tuple[torch.Tensor, ...]) -> str | None:
             _torchscript_export(_Flat(one), inputs, [f"in_{i}" for i in range(len(inputs))],
                                 [f"out_{i}" for i in range(len(pytree.tree_leaves(out)))])
         except Exception as exc:
-            return f"{describe(gm, n)}: {_first_line(exc)}"
+            return f"{describe(gm, n)}: {first_line(exc)}"
     return None
 
 
@@ -183,7 +177,7 @@ def _export(gm: GraphModule, example: tuple[torch.Tensor, ...], input_names: lis
     where = _diagnose(gm, example)
     if where:
         raise OnnxExportError(f"{what}: cannot export {where} (torch.onnx, opset {OPSET})") from None
-    raise OnnxExportError(f"{what}: torch.onnx.export failed: {type(first).__name__}: {_first_line(first)}") from None
+    raise OnnxExportError(f"{what}: torch.onnx.export failed: {type(first).__name__}: {first_line(first)}") from None
 
 
 def _check(model: Any, what: str) -> None:
@@ -192,7 +186,7 @@ def _check(model: Any, what: str) -> None:
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        raise OnnxExportError(f"{what}: the exported ONNX model does not pass onnx.checker: {_first_line(exc)}") from None
+        raise OnnxExportError(f"{what}: the exported ONNX model does not pass onnx.checker: {first_line(exc)}") from None
 
 
 def export_fp32(program: Program, what: str) -> tuple[bytes, dict[str, Any], pytree.TreeSpec]:

@@ -42,9 +42,9 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from graphopt.backends._onnx_export import OPSET, OnnxExportError, _first_line, export_fp32
+from graphopt.backends._onnx_export import OPSET, OnnxExportError, export_fp32
 from graphopt.backends._onnx_qdq import ONNXRUNTIME, export_int8
-from graphopt.errors import ArtifactError, UsageError, choices
+from graphopt.errors import ArtifactError, UsageError, choices, first_line
 from graphopt.fx_util import is_relu
 from graphopt.program import InputSpec, Program
 from graphopt.quant import (
@@ -510,7 +510,7 @@ class OrtBackend:
         try:
             onnx.load_from_string(data)
         except Exception as exc:
-            raise ArtifactError(f"'{path}' is not a readable ONNX model: {_first_line(exc)}") from None
+            raise ArtifactError(f"'{path}' is not a readable ONNX model: {first_line(exc)}") from None
         try:
             specs = manifest_inputs(manifest)
             output_spec = pytree.treespec_loads(manifest["output_structure"])
@@ -521,7 +521,7 @@ class OrtBackend:
         try:
             art = OrtArtifact(data, target, self.precision, specs, output_spec, fields)
         except Exception as exc:
-            raise ArtifactError(f"ONNX Runtime cannot load '{path}': {_first_line(exc)}") from None
+            raise ArtifactError(f"ONNX Runtime cannot load '{path}': {first_line(exc)}") from None
         if art.input_names != [s.name for s in specs]:
             raise ArtifactError(f"'{path}' has inputs {art.input_names}, but its manifest names {[s.name for s in specs]}")
         return art

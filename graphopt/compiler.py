@@ -24,7 +24,7 @@ import torch
 
 from graphopt.capture import capture
 from graphopt.data import NORMALIZATIONS, CalibrationData, Sample, fresh, is_callable_source
-from graphopt.errors import ArtifactError, DataError, GraphoptError, UsageError, VerificationError, choices
+from graphopt.errors import ArtifactError, DataError, GraphoptError, UsageError, VerificationError, choices, first_line
 from graphopt.instruments import QUANT_PASS, PrintIR, Recovery, SnapshotBefore, VerifyEach, run_all
 from graphopt.output import REPORT, Output
 from graphopt.pipeline import Instrument, PassManager, PassRecord, Pipeline, parse_pipeline
@@ -475,6 +475,4 @@ def load_artifact(directory: str | Path, *, host: PluginHost | None = None) -> A
     except GraphoptError:
         raise
     except Exception as exc:  # a damaged file (truncated model.pt2, ...): the artifact's fault, said in one line
-        from graphopt.capture.common import first_line
-
         raise ArtifactError(f"artifact '{directory}' ({spec.name}) cannot be loaded: {first_line(exc)}") from None

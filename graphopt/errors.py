@@ -22,6 +22,7 @@ __all__ = [
     "LoweringError",
     "Terminated",
     "choices",
+    "first_line",
 ]
 
 EXIT_VERIFICATION = 1
@@ -115,6 +116,20 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+_MAX_REASON = 300
+
+
+def first_line(exc: BaseException | str) -> str:
+    """The first non-empty line of an error message, trimmed to a readable length."""
+    text = str(exc)
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if not line and isinstance(exc, BaseException):
+        line = type(exc).__name__
+    # torch's zip reader appends a paragraph of advice after the actual reason
+    line = line.split(". This is an internal miniz error")[0]
+    return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 1] + "…"
 
 
 def choices(items: Iterable[str]) -> str:

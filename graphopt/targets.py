@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from graphopt.errors import ArtifactError, BackendUnavailableError, UsageError, choices
+from graphopt.errors import ArtifactError, BackendUnavailableError, UsageError, choices, first_line
 from graphopt.program import MAX_INPUT_BYTES, InputSpec, Program, input_bytes, size_text
 from graphopt.registry import Registry
 
@@ -209,7 +209,7 @@ def read_json_document(path: Path, fmt: str, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ArtifactError(f"'{path}' is unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ArtifactError(f"'{path}' is unreadable: {first_line(exc)}") from None
     if not isinstance(doc, dict):
         raise ArtifactError(f"'{path}' holds a JSON {type(doc).__name__}, not {what}")
     if doc.get("format") != fmt:

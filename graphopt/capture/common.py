@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 from graphopt.capture.leaves import resolve_leaf_functions
-from graphopt.errors import CaptureError, choices
+from graphopt.errors import CaptureError, choices, first_line
 from graphopt.fx_util import describe
 from graphopt.program import MAX_INPUT_BYTES, InputSpec, Program, flatten_outputs, input_bytes, size_text
 
@@ -47,20 +47,6 @@ KNOWN_FORMATS = "graphopt reads .pt2 (torch.export), .pt/.pth (PyTorch, TorchScr
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _CAPTURE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_MAX_REASON = 300
-
-
-def first_line(exc: BaseException | str) -> str:
-    """The first non-empty line of an error message, trimmed to a readable length."""
-    text = str(exc)
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    if not line and isinstance(exc, BaseException):
-        line = type(exc).__name__
-    # torch's zip reader appends a paragraph of advice after the actual reason
-    line = line.split(". This is an internal miniz error")[0]
-    return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 1] + "…"
-
-
 def _display_path(filename: str) -> str:
     rel = os.path.relpath(filename) if os.path.isabs(filename) else filename
     return filename if rel.startswith("..") else rel
