@@ -75,6 +75,7 @@ __all__ = [
     "QLinearConvArithmetic",
     "QLinearGlobalAveragePool",
     "set_ort_arithmetic",
+    "probe_graph",
     "ort_fp32",
     "ort_int8",
 ]
@@ -387,6 +388,24 @@ class _OrtProbe(nn.Module):
         return tuple(finals + quantized)
 
 
+def probe_graph(runtime: str, prefix: str, probe: nn.Module, input_specs: list[InputSpec], n_outputs: int,
+                sim_points: list[str], output_spec: pytree.TreeSpec) -> tuple[GraphModule, dict[str, str]]:
+    """An fx graph around ``probe`` (a module returning the outputs, then one quantized tensor per point),
+    one node per point (``PREFIX_<quantizer>``): (graph module, {simulated quantizer: its node}), for
+    ``check_lowering_local``."""
+    graph = torch.fx.Graph()
+    placeholders = [graph.placeholder(s.name) for s in input_specs]
+    call = graph.call_module(runtime, tuple(placeholders))
+    finals = [graph.call_function(operator.getitem, (call, i)) for i in range(n_outputs)]
+    points: dict[str, str] = {}
+    for k, sim_name in enumerate(sim_points):
+        node = graph.create_node("call_function", operator.getitem, (call, n_outputs + k), name=f"{prefix}_{sim_name}")
+        points[sim_name] = node.name
+    graph.output(pytree.tree_unflatten(finals, output_spec))
+    gm = GraphModule({runtime: probe}, graph, class_name="RuntimeProbe")
+    return gm.eval(), points
+
+
 class OrtArtifact(Artifact):
     """An ONNX model and its ONNX Runtime session.
 
@@ -431,17 +450,8 @@ class OrtArtifact(Artifact):
     def _build_probe(self) -> tuple[GraphModule, dict[str, str]]:
         if self._probe is None:
             probe = _OrtProbe(self.model_bytes, self.output_names, self.onnx_points, self.threads)
-            graph = torch.fx.Graph()
-            placeholders = [graph.placeholder(s.name) for s in self.input_specs]
-            call = graph.call_module("onnxruntime", tuple(placeholders))
-            finals = [graph.call_function(operator.getitem, (call, i)) for i in range(len(self.output_names))]
-            points: dict[str, str] = {}
-            for k, sim_name in enumerate(self.onnx_points):
-                node = graph.create_node("call_function", operator.getitem, (call, len(finals) + k), name=f"ort_{sim_name}")
-                points[sim_name] = node.name
-            graph.output(pytree.tree_unflatten(finals, self.output_spec))
-            gm = GraphModule({"onnxruntime": probe}, graph, class_name="OrtProbe")
-            self._probe = (gm.eval(), points)
+            self._probe = probe_graph("onnxruntime", "ort", probe, self.input_specs, len(self.output_names), list(self.onnx_points),
+                                      self.output_spec)
         return self._probe
 
     @property
