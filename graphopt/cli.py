@@ -124,6 +124,8 @@ def cli(debug: bool) -> None:
 @click.argument("source", required=False)
 @click.option("--model", "model_opt", metavar="SOURCE", help="The model source, if not given as the argument (pkg.module:factory).")
 @click.option("-t", "--target", default="cpu-fp32", show_default=True, help="Target name (see `graphopt targets`).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default=None,
+              help="With --target cpu: compile every CPU target of this precision, keep the fastest verified one [default: fp32].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output folder [default: NAME.TARGET].")
 @click.option("--force", is_flag=True, help="Replace the output folder if it holds a graphopt artifact (and nothing else).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="1x3x224x224", help="Shape of an input; repeat for several inputs.")
@@ -152,7 +154,7 @@ def cli(debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_tolerance_options
-def compile_cmd(source: str | None, model_opt: str | None, target: str, output: Path | None, force: bool,
+def compile_cmd(source: str | None, model_opt: str | None, target: str, precision: str | None, output: Path | None, force: bool,
                 input_shapes: tuple[str, ...], pipeline: str | None, verify_each: bool,
                 print_ir_after: tuple[str, ...], plugins: tuple[str, ...], calib_data: str | None,
                 calib_samples: int, calib_size: str | None, calib_normalize: str, keep_fp32: tuple[str, ...],
@@ -173,7 +175,10 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, output: 
     if not source:
         raise UsageError("missing SOURCE: zoo:NAME, pkg.module:factory, model.pt2 or model.pt (see graphopt compile --help)")
     backend_options = {k[len(_BACKEND):]: kw.pop(k) for k in list(kw) if k.startswith(_BACKEND)}
-    spec = host_with(plugins).targets.get(target)
+    from graphopt.autotarget import compile_best, family_precision, render_candidates
+
+    family = family_precision(target, precision)  # --target cpu / cpu-int8-any: every CPU target of a precision
+    target_precision = family or host_with(plugins).targets.get(target).precision
     out = output or default_output_dir(source, target)
     stages = _Stages(quiet or as_json)
     options = CompileOptions(
@@ -181,11 +186,15 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, output: 
         verify_each=verify_each, data=calib_data, verify_samples=verify_samples, calib_samples=calib_samples,
         calib_size=calib_size, calib_normalize=calib_normalize, keep_fp32=keep_fp32,
         backend_options={k: v for k, v in backend_options.items() if v is not None}, recover_steps=recover_steps,
-        recover_lr=recover_lr, seed=seed, tolerance=_tolerance(spec.precision, kw, none_if_default=True), plugins=plugins,
+        recover_lr=recover_lr, seed=seed, tolerance=_tolerance(target_precision, kw, none_if_default=True), plugins=plugins,
         weights=weights, trust_pickle=trust_pickle, print_ir_after=print_ir_after, measure=not no_latency, on_stage=stages,
     )
+    rows = None
     try:
-        result = do_compile(source, options)
+        if family:
+            result, rows = compile_best(source, options, family)
+        else:
+            result = do_compile(source, options)
     except Exception as exc:
         stages.stop()
         report = getattr(exc, "report", None)
@@ -198,7 +207,9 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, output: 
     elif not quiet:
         console = _console()
         result.report.render(console)
-        console.print(f"wrote {out}/")
+        if rows is not None:
+            render_candidates(console, rows)
+        console.print(f"wrote {out}/" + (f" ({result.report.target}, the fastest verified candidate)" if rows else ""))
 
 
 @cli.command("passes")

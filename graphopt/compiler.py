@@ -177,6 +177,9 @@ class CompileOptions:
     measure: bool = True
     #: progress: ``on_stage(name)`` or ``on_stage(name, done, total)`` for long steps
     on_stage: Callable[..., None] | None = None
+    #: a dict several compiles of the same source and data share (``graphopt.autotarget``): the capture,
+    #: the data and each pipeline's passes (calibration included) run once; each compile lowers a copy
+    shared: dict[Any, Any] | None = None
 
     def __post_init__(self) -> None:
         self.keep_fp32 = tuple(_names(self.keep_fp32))
@@ -278,16 +281,13 @@ def compile(source: Any, options: CompileOptions | None = None, /, **overrides: 
     plan = opts.plan(host)
     stage = opts.on_stage or (lambda *_a: None)
     with Output(opts.output, force=opts.force, inputs=_input_paths(source, opts)) as out:
-        stage("capturing")
-        program = capture(source, input_shapes=opts.input_shapes, example_inputs=opts.example_inputs,
-                          weights=opts.weights, trust_pickle=opts.trust_pickle)
-        original = program.clone()
-        stage("loading data")
-        data = _split_data(opts.data, program.input_specs, opts, needs_calibration=plan.quantizes or opts.recover_steps > 0)
-        references = run_all(original.run_reference, data.samples)
-        check_finite(references)  # a NaN from the original is the model's, not a pass's or the lowering's
+        captured = _shared(opts, ("capture", plan.quantizes), lambda: _capture(source, opts, plan, stage))
+        program, original, data, references = captured
+        program = program.clone() if opts.shared is not None else program  # the shared one stays as captured
         stage("running passes")
-        passes = _run_passes(program, original, data, plan, opts, stage)
+        after, passes = _shared(opts, ("passes", str(plan.pipeline), plan.quantizes),
+                                lambda: (program, _run_passes(program, original, data, plan, opts, stage)))
+        program = after.clone() if opts.shared is not None else program  # each lowering rewrites its own copy
         stage(f"lowering to {plan.spec.name}")
         artifact = _lower(program, plan)
         report = _new_report(source, program, plan, data, passes)
@@ -310,6 +310,28 @@ def compile(source: Any, options: CompileOptions | None = None, /, **overrides: 
             report.write(out.staging / REPORT)
         out.commit()
     return CompileResult(artifact, report, program, out.path)
+
+
+def _capture(source: Any, opts: CompileOptions, plan: Plan, stage: Callable[..., None]) -> tuple[Program, Program, SplitData, list[Any]]:
+    """(program, the original, calibration/verification data, the original's outputs on the verification inputs)."""
+    stage("capturing")
+    program = capture(source, input_shapes=opts.input_shapes, example_inputs=opts.example_inputs,
+                      weights=opts.weights, trust_pickle=opts.trust_pickle)
+    original = program.clone()
+    stage("loading data")
+    data = _split_data(opts.data, program.input_specs, opts, needs_calibration=plan.quantizes or opts.recover_steps > 0)
+    references = run_all(original.run_reference, data.samples)
+    check_finite(references)  # a NaN from the original is the model's, not a pass's or the lowering's
+    return program, original, data, references
+
+
+def _shared(opts: CompileOptions, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    """``make()``, or what it returned for ``key`` in an earlier compile sharing ``opts.shared``."""
+    if opts.shared is None:
+        return make()
+    if key not in opts.shared:
+        opts.shared[key] = make()
+    return opts.shared[key]
 
 
 def _input_paths(source: Any, opts: CompileOptions) -> list[Path]:

@@ -1,0 +1,181 @@
+"""``--target cpu``: compile for every CPU target of a precision, keep the fastest verified one.
+
+A *family* names a set of targets: ``cpu`` (with ``--precision fp32|bf16|int8``) or
+``cpu-PRECISION-any`` (``cpu-int8-any``...). :func:`compile_best` compiles the source for
+each target of the family through :func:`graphopt.compile` (each verified on its own
+artifact, read back from disk, against its own tolerance); the candidates share one
+capture, one set of data and, per distinct pipeline, one run of the passes (so ``ort-int8``
+and ``ov-int8`` share one calibration). The verified artifacts are then timed on the
+input shapes being compiled for, interleaved (every round runs each once more; the median
+of the rounds counts), and the fastest is written to the output folder. Every candidate is
+a row of the table (``report.json``: ``candidates``), unavailable and failed ones with
+their reason.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphopt.compiler import CompileOptions, CompileResult, _input_paths, compile, default_output_dir, host_with, load_artifact
+from graphopt.errors import BackendUnavailableError, GraphoptError, UsageError, VerificationError, choices, first_line
+from graphopt.output import REPORT, Output
+from graphopt.targets import Artifact, TargetSpec, options_of
+
+__all__ = ["FAMILY", "PRECISIONS", "Candidate", "compile_best", "family_precision", "candidates_for", "render_candidates"]
+
+FAMILY = "cpu"
+PRECISIONS = ("fp32", "bf16", "int8")
+#: the target name prefixes that run on the CPU
+CPU_PREFIXES = ("cpu-", "ort-", "ov-")
+
+
+def family_precision(target: str, precision: str | None) -> str | None:
+    """The precision a family name asks for (``cpu`` + ``precision``, or ``cpu-int8-any``); None: not a family."""
+    if target == FAMILY:
+        chosen = precision or "fp32"
+    elif target.startswith(f"{FAMILY}-") and target.endswith("-any"):
+        chosen = target[len(FAMILY) + 1:-len("-any")]
+        if precision is not None and precision != chosen:
+            raise UsageError(f"--precision {precision} contradicts --target {target}; give one of them")
+    else:
+        if precision is not None:
+            raise UsageError(f"--precision applies to a target family ('{FAMILY}', '{FAMILY}-int8-any'...), not to '{target}'")
+        return None
+    if chosen not in PRECISIONS:
+        raise UsageError(f"precision '{chosen}' for --target {target}: not one of {choices(PRECISIONS)}")
+    return chosen
+
+
+def candidates_for(targets: Sequence[TargetSpec], precision: str) -> list[TargetSpec]:
+    """The CPU targets of ``precision``, in registry order."""
+    return [t for t in targets if t.precision == precision and t.name.startswith(CPU_PREFIXES)]
+
+
+@dataclass
+class Candidate:
+    """One row of the table: a target, what happened, and (when it verified) its numbers."""
+
+    target: str
+    status: str  # "selected", "verified", "failed", "unavailable"
+    reason: str = ""
+    latency_ms: float | None = None
+    metrics: dict[str, Any] | None = None
+    size_bytes: int | None = None
+    result: CompileResult | None = None
+    folder: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.metrics or {}
+        return {"target": self.target, "status": self.status, "reason": self.reason, "latency_ms": self.latency_ms,
+                "cosine": m.get("cosine"), "max_rel_err": m.get("max_rel_err"), "sqnr_db": m.get("sqnr_db"),
+                "top1_agreement": m.get("top1_agreement"), "size_bytes": self.size_bytes}
+
+
+def time_interleaved(artifacts: dict[str, Artifact], inputs: tuple[torch.Tensor, ...], *, rounds: int = 5,
+                     runs: int = 3) -> dict[str, float]:
+    """Median over ``rounds`` of each artifact's median of ``runs`` calls; the artifacts take turns every round."""
+    per_round: dict[str, list[float]] = {name: [] for name in artifacts}
+    with torch.inference_mode():
+        for art in artifacts.values():  # warm up (first-call allocations, lazy kernel selection)
+            art.run(*inputs)
+        for _ in range(rounds):
+            for name, art in artifacts.items():
+                times = []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    art.run(*inputs)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                per_round[name].append(statistics.median(times))
+    return {name: statistics.median(ts) for name, ts in per_round.items()}
+
+
+def _compile_candidate(source: Any, opts: CompileOptions, spec: TargetSpec, folder: Path) -> Candidate:
+    """One target of the family compiled into ``folder`` (its backend's own options only)."""
+    declared = {o.name for o in options_of(spec.backend)}
+    options = {k: v for k, v in opts.backend_options.items() if k in declared}
+    try:
+        result = compile(source, replace(opts, target=spec.name, output=folder, force=False, measure=False,
+                                         backend_options=options))
+    except BackendUnavailableError as exc:
+        return Candidate(spec.name, "unavailable", first_line(exc))
+    except VerificationError as exc:
+        report = getattr(exc, "report", None)
+        metrics = report.verification.metrics.to_json() if report is not None and report.verification else None
+        return Candidate(spec.name, "failed", first_line(exc), metrics=metrics)
+    except GraphoptError as exc:
+        return Candidate(spec.name, "failed", f"{exc.kind}: {first_line(exc)}")
+    assert result.report.verification is not None
+    return Candidate(spec.name, "verified", metrics=result.report.verification.metrics.to_json(),
+                     size_bytes=result.report.size_bytes.get("compiled"), result=result, folder=folder)
+
+
+def compile_best(source: Any, options: CompileOptions, precision: str) -> tuple[CompileResult, list[Candidate]]:
+    """Compile ``source`` for every CPU target of ``precision``; write the fastest verified one to ``options.output``.
+
+    Returns the winner's result (its report carries the table as ``extra['candidates']``)
+    and every candidate. BackendUnavailableError when no target of the precision can run
+    here, VerificationError when none verified (both name every candidate and why).
+    """
+    host = host_with(options.plugins)
+    specs = candidates_for(list(host.targets), precision)
+    if not specs:
+        raise UsageError(f"no CPU target has precision '{precision}'; targets: {choices(t.name for t in host.targets)}")
+    family = f"{FAMILY}-{precision}-any"
+    final = Path(options.output) if options.output is not None else default_output_dir(source, family)
+    with Output(final, force=options.force, inputs=_input_paths(source, options)) as out:
+        assert out.staging is not None
+        scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.candidates-", dir=out.staging.parent))
+        try:
+            opts = replace(options, shared={}, output=None)
+            rows = [_compile_candidate(source, opts, spec, scratch / spec.name) for spec in specs]
+            verified = [c for c in rows if c.status == "verified"]
+            if not verified:
+                why = "; ".join(f"{c.target}: {c.status} ({c.reason})" for c in rows)
+                error = BackendUnavailableError if all(c.status == "unavailable" for c in rows) else VerificationError
+                raise error(f"no {family} candidate verified: {why}")
+            if options.on_stage:
+                options.on_stage("timing the candidates")
+            inputs = tuple(torch.randn(s.shape, generator=torch.Generator().manual_seed(options.seed)).to(s.dtype)
+                           for s in verified[0].result.artifact.input_specs)
+            latency = time_interleaved({c.target: c.result.artifact for c in verified}, inputs)
+            for c in verified:
+                c.latency_ms = latency[c.target]
+            best = min(verified, key=lambda c: c.latency_ms)
+            best.status = "selected"
+            for item in best.folder.iterdir():
+                shutil.move(str(item), str(out.staging / item.name))
+            report = best.result.report
+            report.latency_ms = {"original": None, "compiled": best.latency_ms}
+            report.extra["candidates"] = {"family": family, "inputs": [list(t.shape) for t in inputs],
+                                          "rows": [c.to_json() for c in rows]}
+            report.write(out.staging / REPORT)
+            out.commit()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    artifact = load_artifact(final, host=host)
+    return CompileResult(artifact, report, best.result.program, final), rows
+
+
+def render_candidates(console: Any, rows: Sequence[Candidate]) -> None:
+    """The candidates as a table on a rich Console."""
+    from rich.table import Table
+
+    table = Table(title="candidates (fastest verified one kept)", title_justify="left")
+    for col in ("target", "status", "latency (ms)", "cosine", "max rel err", "size (MB)", "reason"):
+        table.add_column(col, justify="right" if col in ("latency (ms)", "cosine", "max rel err", "size (MB)") else "left")
+    for c in rows:
+        m = c.metrics or {}
+        table.add_row(c.target, c.status, f"{c.latency_ms:.2f}" if c.latency_ms is not None else "–",
+                      f"{m['cosine']:.6f}" if m.get("cosine") is not None else "–",
+                      f"{m['max_rel_err']:.3g}" if m.get("max_rel_err") is not None else "–",
+                      f"{c.size_bytes / 1e6:.2f}" if c.size_bytes is not None else "–", c.reason)
+    console.print(table)
