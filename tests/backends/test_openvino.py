@@ -1,0 +1,303 @@
+"""ov-fp32 / ov-bf16 / ov-int8: OpenVINO fed graphopt's ONNX export, the OpenVINO Q/DQ policy,
+the IR artifact, availability, and ``--target cpu`` picking the fastest verified CPU target."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnx_graphsurgeon")
+
+from onnx import numpy_helper  # noqa: E402
+
+from graphopt import zoo  # noqa: E402
+from graphopt.backends._onnx_qdq import OPENVINO, POLICIES, export_int8  # noqa: E402
+from graphopt.errors import UsageError  # noqa: E402
+from graphopt.pipeline import parse_pipeline  # noqa: E402
+from graphopt.quant import verify_int8  # noqa: E402
+from graphopt.verify import compare, default_tolerance  # noqa: E402
+
+ZOO = ["resnet18", "mobilenet_v2", "shufflenet_v2", "densenet", "se_resnet", "inception", "digits_cnn"]
+INT8_ZOO = ["resnet18", "mobilenet_v2", "digits_cnn"]
+U8_PIPELINE = "fuse-conv-bn-relu,insert-quant-stubs{activations=u8},dce"
+
+
+@pytest.fixture(scope="module")
+def lowered(lowered_zoo):
+    """A zoo model lowered for an OpenVINO target at 48x48, one OpenVINO thread (the 2 cores are shared)."""
+
+    def get(name: str, target: str, pipeline: str | None = None):
+        return lowered_zoo(name, target, pipeline=pipeline, backend_options={"threads": 1})
+
+    return get
+
+
+def _bf16_here(host) -> bool:
+    return host.targets.get("ov-bf16").backend.unavailable_reason() is None
+
+
+# ---------------------------------------------------------------------------------------
+# Registration and availability
+
+
+def test_targets_are_registered(host):
+    for precision, pipeline in (("fp32", "fuse-conv-bn-relu,dce"), ("bf16", "fuse-conv-bn-relu,dce"), ("int8", U8_PIPELINE)):
+        spec = host.targets.get(f"ov-{precision}")
+        assert (spec.precision, spec.pipeline, spec.backend.name) == (precision, pipeline, "openvino")
+        assert str(parse_pipeline(spec.pipeline, host.passes)) == spec.pipeline
+        assert [o.name for o in spec.backend.options] == ["threads"]
+    assert host.targets.get("ov-fp32").backend.unavailable_reason() is None
+    assert POLICIES["openvino"] is OPENVINO
+
+
+def test_unavailable_without_openvino_lists_the_reason_and_exits_3(monkeypatch, capsys, tmp_path):
+    from graphopt.cli import main
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import raises ImportError
+    assert main(["targets", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    for name in ("ov-fp32", "ov-bf16", "ov-int8"):
+        assert not rows[name]["available"]
+        assert rows[name]["why_not"] == "openvino is not installed (pip install 'graphopt[openvino]')"
+    code = main(["compile", "zoo:digits_cnn", "-t", "ov-int8", "-o", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert err.count("\n") == 1 and "target 'ov-int8' cannot run here: openvino is not installed" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_names_the_missing_cpu_feature(host, monkeypatch):
+    import graphopt.backends.openvino as ov_backend
+
+    class NoBF16:
+        def get_property(self, device, name):
+            return ["FP32", "INT8"]
+
+    monkeypatch.setattr(ov_backend, "_core", NoBF16)
+    monkeypatch.setattr(ov_backend, "cpu_flags", lambda: {"avx512f", "avx512_vnni"})
+    reason = host.targets.get("ov-bf16").backend.unavailable_reason()
+    assert reason == "this CPU lacks avx512_bf16 and amx_bf16 (ov-bf16 needs AVX-512-BF16 or AMX-BF16)"
+    assert host.targets.get("ov-fp32").backend.unavailable_reason() is None
+
+
+def test_threads_option_is_checked_and_used(host, lowered):
+    _, _, art, _ = lowered("digits_cnn", "ov-fp32")
+    assert art.threads == 1 and art.config["INFERENCE_NUM_THREADS"] == 1
+    assert art.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert str(art.compiled.get_property("PERFORMANCE_HINT")) in ("LATENCY", "PerformanceMode.LATENCY")
+    from tests.backends.conftest import compile_zoo
+
+    with pytest.raises(UsageError, match="'threads' must be a positive integer, got 0"):
+        compile_zoo(host, "digits_cnn", "ov-fp32", backend_options={"threads": 0})
+
+
+# ---------------------------------------------------------------------------------------
+# fp32 / bf16 against the original, on the zoo
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_fp32_matches_the_program(lowered, name):
+    model, program, art, samples = lowered(name, "ov-fp32")
+    assert art.compiled.get_property("INFERENCE_PRECISION_HINT") is not None
+    for x in samples:
+        with torch.no_grad():
+            ref = model.eval()(*x)
+        out = art.run(*x)
+        assert out.shape == ref.shape
+        metrics = compare([program.run(*x)], [out]).metrics
+        assert not default_tolerance("fp32").violations(metrics), metrics
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_bf16_cosine_at_least_0999(host, lowered, name):
+    if not _bf16_here(host):
+        pytest.skip(host.targets.get("ov-bf16").backend.unavailable_reason())
+    model, program, art, samples = lowered(name, "ov-bf16")
+    assert str(art.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("bf16", "<Type: 'bfloat16'>")
+    refs, outs = [program.run(*x) for x in samples], [art.run(*x) for x in samples]
+    metrics = compare(refs, outs).metrics
+    assert metrics.cosine >= 0.999, (name, metrics)
+    assert metrics.max_abs_err > 0  # it really ran in bf16: not the fp32 result
+    assert not default_tolerance("bf16").violations(metrics)
+
+
+# ---------------------------------------------------------------------------------------
+# int8: the Q/DQ file under OpenVINO's policy, and the lowering against the simulation
+
+
+def test_qdq_graph_follows_the_openvino_policy(lowered):
+    _, program, _, _ = lowered("resnet18", "ov-int8")
+    data, fields, _ = export_int8(program, OPENVINO, "ov-int8")
+    model = onnx.load_from_string(data)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    ops = [n.op_type for n in model.graph.node]
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantize) == 31 == fields["qdq"]["activation_quantizers"]  # one per simulated quantizer, no extra pairs
+    assert all(inits[q.input[2]].dtype == np.uint8 for q in quantize)  # u8 activations
+    assert not any("requant" in n.name for n in model.graph.node)  # no pairs after MaxPool/Flatten
+    weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+               and inits[n.input[0]].ndim >= 2]
+    assert len(weights) == 21 == fields["qdq"]["int8_weights"]  # 20 convs + fc
+    for dq in weights:  # symmetric int8, one scale per output channel
+        w, scale, zp = inits[dq.input[0]], inits[dq.input[1]], inits[dq.input[2]]
+        assert w.dtype == np.int8 and zp.dtype == np.int8 and not zp.any()
+        assert scale.shape == (w.shape[0],)
+        assert {a.name: a.i for a in dq.attribute} == {"axis": 0}
+    assert "Relu" not in ops  # every ReLU folded into its quantizer's saturation (zero point 0)
+    assert fields["activations"] == "u8" and "pinned_fp32_layers" not in fields["qdq"]
+
+
+def test_keep_fp32_layer_has_no_qdq_and_runs_in_fp32(lowered):
+    pipe = "fuse-conv-bn-relu,insert-quant-stubs{activations=u8,keep-fp32=[features.3.0]},dce"
+    _, program, art, samples = lowered("digits_cnn", "ov-int8", pipeline=pipe)
+    data, _, _ = export_int8(program, OPENVINO, "ov-int8")
+    model = onnx.load_from_string(data)
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and "features.3.0" in n.name)
+    w = next(i for i in model.graph.initializer if i.name == conv.input[1])
+    assert w.data_type == onnx.TensorProto.FLOAT  # read directly, not through DequantizeLinear
+    convs = {k: v for k, v in art.runtime_precisions().items() if v.startswith("Convolution")}
+    assert [v for k, v in convs.items() if "features.3.0" in k] == ["Convolution:f32"]
+    assert sorted(v for k, v in convs.items() if "features.3.0" not in k) == ["Convolution:u8"] * 2
+
+
+@pytest.mark.parametrize("name", INT8_ZOO)
+def test_int8_lowering_against_the_simulation(lowered, name):
+    model, program, art, samples = lowered(name, "ov-int8")
+    assert not art.exact_simulation  # not claimed bit-exact
+    split = verify_int8(lambda *x: model.eval()(*x), program, art, samples)
+    local = split["lowering_local"]
+    assert local["ok"] and local["compared"] == len(art.points) > 0
+    assert max(e for _, e in local["worst"]) <= 2.0  # each quantized op within 2 of its own steps
+    assert split["violations"] == []
+    # the end-to-end error vs the simulation is reported in output steps (not gated: ties compound)
+    check = split["lowering_check"]
+    assert check["steps"] == 2.0 and len(check["max_abs_err"]) == 1
+    # one-step ties compound through depth: on a random-weight MobileNetV2 (itself at cosine 0.985 vs fp32
+    # after quantization) the whole-model cosine vs the simulation was 0.991 with every op within 1 step
+    assert split["lowering_error"]["cosine"] > 0.98
+    runtime = set(art.runtime_precisions().values())
+    assert "Convolution:u8" in runtime or "Convolution:i8" in runtime  # really int8 kernels
+    outs = [art.run(*x) for x in samples]
+    refs = [model.eval()(*x) for x in samples]
+    metrics = compare(refs, outs).metrics
+    assert metrics.cosine >= default_tolerance("int8").min_cosine
+
+
+# ---------------------------------------------------------------------------------------
+# Artifacts on disk
+
+
+def test_artifact_reloads_in_a_fresh_process_without_the_original(tmp_path):
+    import graphopt
+
+    out = tmp_path / "art"
+    result = graphopt.compile("zoo:digits_cnn", target="ov-int8", output=out, verify_samples=2, calib_samples=4,
+                              measure=False, backend_options={"threads": 1})
+    assert sorted(p.name for p in out.iterdir()) == ["artifact.json", "model.bin", "model.xml", "report.json"]
+    manifest = json.loads((out / "artifact.json").read_text())
+    assert manifest["backend"] == "openvino" and manifest["config"]["PERFORMANCE_HINT"] == "LATENCY"
+    assert manifest["points"] and all("input" in p for p in manifest["points"].values())
+    report = json.loads((out / "report.json").read_text())
+    assert report["int8_verification"]["lowering_local"]["ok"]
+    x = torch.randn(zoo.get("digits_cnn").input_shape, generator=torch.Generator().manual_seed(3))
+    np.save(tmp_path / "x.npy", x.numpy())
+    expected = result.artifact.run(x)
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, torch, graphopt
+        art = graphopt.load_artifact({str(out)!r})
+        assert art.target == "ov-int8", art.target
+        y = art.run(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r})))
+        np.save({str(tmp_path / 'y.npy')!r}, y.numpy())
+        print("graphopt.zoo" in sys.modules)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"  # the model's definition was never imported
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), expected, rtol=0, atol=0)
+
+
+def test_damaged_ir_is_an_artifact_error(tmp_path):
+    import graphopt
+    from graphopt.errors import ArtifactError
+
+    out = tmp_path / "art"
+    graphopt.compile("zoo:digits_cnn", target="ov-fp32", output=out, verify_samples=2, measure=False)
+    (out / "model.xml").write_text("<net>not an IR")
+    with pytest.raises(ArtifactError, match="OpenVINO cannot read"):
+        graphopt.load_artifact(out)
+    (out / "model.bin").unlink()
+    with pytest.raises(ArtifactError, match="missing model.bin"):
+        graphopt.load_artifact(out)
+
+
+# ---------------------------------------------------------------------------------------
+# --target cpu
+
+
+def test_family_names():
+    from graphopt.autotarget import family_precision
+
+    assert family_precision("cpu", None) == "fp32"
+    assert family_precision("cpu", "int8") == "int8"
+    assert family_precision("cpu-int8-any", None) == "int8"
+    assert family_precision("ov-int8", None) is None
+    with pytest.raises(UsageError, match="--precision applies to a target family"):
+        family_precision("ov-int8", "int8")
+    with pytest.raises(UsageError, match="contradicts"):
+        family_precision("cpu-int8-any", "fp32")
+    with pytest.raises(UsageError, match="not one of"):
+        family_precision("cpu-fp8-any", None)
+
+
+def test_target_cpu_keeps_the_fastest_verified_candidate(tmp_path, capsys):
+    from graphopt.cli import main
+
+    out = tmp_path / "best"
+    code = main(["compile", "zoo:digits_cnn", "--target", "cpu", "--precision", "int8", "-o", str(out), "--threads", "1",
+                 "--calib-samples", "4", "--verify-samples", "2", "--json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    table = report["candidates"]
+    assert table["family"] == "cpu-int8-any" and table["inputs"] == [list(zoo.get("digits_cnn").input_shape)]
+    rows = {r["target"]: r for r in table["rows"]}
+    assert set(rows) == {"cpu-int8", "ort-int8", "ov-int8"}
+    verified = {t: r for t, r in rows.items() if r["status"] in ("verified", "selected")}
+    assert verified and all(r["latency_ms"] > 0 and r["cosine"] >= 0.98 and r["size_bytes"] > 0 for r in verified.values())
+    (selected,) = [t for t, r in rows.items() if r["status"] == "selected"]
+    assert rows[selected]["latency_ms"] == min(r["latency_ms"] for r in verified.values())
+    assert report["target"] == selected
+    assert json.loads((out / "artifact.json").read_text())["target"] == selected
+    assert json.loads((out / "report.json").read_text())["candidates"] == table
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]  # the other candidates left nothing behind
+
+
+def test_target_cpu_lists_unavailable_and_failed_candidates(monkeypatch, tmp_path):
+    import graphopt.backends.openvino as ov_backend
+    from graphopt.autotarget import compile_best
+    from graphopt.compiler import CompileOptions
+    from graphopt.verify import Tolerance
+
+    monkeypatch.setattr(ov_backend.OvBackend, "unavailable_reason", lambda self: "openvino is not installed (test)")
+    opts = CompileOptions(target="cpu", output=tmp_path / "fp32", verify_samples=2, backend_options={"threads": 1})
+    result, rows = compile_best("zoo:digits_cnn", opts, "fp32")
+    by = {c.target: c for c in rows}
+    assert by["ov-fp32"].status == "unavailable" and "openvino is not installed (test)" in by["ov-fp32"].reason
+    assert {by["cpu-fp32"].status, by["ort-fp32"].status} <= {"verified", "selected"}
+    assert result.report.target in ("cpu-fp32", "ort-fp32")
+    # an impossible tolerance: every candidate fails, and the error names each one
+    from graphopt.errors import VerificationError
+
+    strict = CompileOptions(target="cpu", output=tmp_path / "none", verify_samples=2, tolerance=Tolerance(max_abs_err=0.0),
+                            backend_options={"threads": 1})
+    with pytest.raises(VerificationError, match="no cpu-int8-any candidate verified: cpu-int8: failed"):
+        compile_best("zoo:digits_cnn", strict, "int8")
+    assert not (tmp_path / "none").exists()
