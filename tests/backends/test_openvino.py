@@ -25,7 +25,7 @@ from graphopt.pipeline import parse_pipeline  # noqa: E402
 from graphopt.quant import verify_int8  # noqa: E402
 from graphopt.verify import compare, default_tolerance  # noqa: E402
 
-ZOO = ["resnet18", "mobilenet_v2", "shufflenet_v2", "densenet", "se_resnet", "inception", "digits_cnn"]
+ZOO = zoo.names()  # every zoo model (12), at 48x48
 INT8_ZOO = ["resnet18", "mobilenet_v2", "digits_cnn"]
 U8_PIPELINE = "fuse-conv-bn-relu,insert-quant-stubs{activations=u8},dce"
 
@@ -118,10 +118,13 @@ def test_fp32_matches_the_program(lowered, name):
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_bf16_cosine_at_least_0999(host, lowered, name):
+def test_bf16_cosine_at_least_0999(host, lowered_zoo, name):
     if not _bf16_here(host):
         pytest.skip(host.targets.get("ov-bf16").backend.unavailable_reason())
-    model, program, art, samples = lowered(name, "ov-bf16")
+    # DenseNet-121 with random weights at 48x48 (1x1 feature maps after 58 concatenations) measured
+    # cosine 0.9982 in bf16; at its own 224x224 0.99989: it is held at its real input size
+    size = 224 if name == "densenet121" else 48
+    model, program, art, samples = lowered_zoo(name, "ov-bf16", size=size, backend_options={"threads": 1})
     assert str(art.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("bf16", "<Type: 'bfloat16'>")
     refs, outs = [program.run(*x) for x in samples], [art.run(*x) for x in samples]
     metrics = compare(refs, outs).metrics
@@ -190,6 +193,14 @@ def test_int8_lowering_against_the_simulation(lowered, name):
     refs = [model.eval()(*x) for x in samples]
     metrics = compare(refs, outs).metrics
     assert metrics.cosine >= default_tolerance("int8").min_cosine
+
+
+def test_int8_s8_activations_are_accepted(lowered):
+    pipe = "fuse-conv-bn-relu,insert-quant-stubs{activations=s8},dce"
+    model, program, art, samples = lowered("digits_cnn", "ov-int8", pipeline=pipe)
+    assert art.fields["activations"] == "s8"
+    split = verify_int8(lambda *x: model.eval()(*x), program, art, samples)
+    assert split["violations"] == [] and split["lowering_local"]["ok"]
 
 
 # ---------------------------------------------------------------------------------------
