@@ -38,7 +38,6 @@ compression): no pickles; it reloads without the original or ONNX.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +48,15 @@ from torch.fx import GraphModule
 
 from graphopt.backends._onnx_export import export_fp32
 from graphopt.backends._onnx_qdq import OPENVINO, export_int8
-from graphopt.backends.ort import default_threads, probe_graph
-from graphopt.errors import ArtifactError, UsageError, choices, first_line
+from graphopt.backends.ort import ProbedArtifact, _missing, default_threads, probe_graph, read_io_specs, threads_option
+from graphopt.errors import ArtifactError, UsageError, first_line
 from graphopt.program import InputSpec, Program
-from graphopt.targets import Artifact, BackendOption, TargetSpec, manifest_inputs, register_target
+from graphopt.targets import Artifact, BackendOption, TargetSpec, register_target
 
 __all__ = ["MODEL_FILE", "WEIGHTS_FILE", "OvArtifact", "OvBackend", "ov_fp32", "ov_bf16", "ov_int8", "cpu_flags"]
 
 MODEL_FILE = "model.xml"
 WEIGHTS_FILE = "model.bin"
-BACKEND_OPTIONS = ("threads",)
 #: the precision hint each target compiles with
 PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
@@ -149,7 +147,7 @@ class _OvProbe(nn.Module):
         return tuple(outs[:self.n_outputs] + quantized)
 
 
-class OvArtifact(Artifact):
+class OvArtifact(ProbedArtifact):
     """An OpenVINO model (``ov.Model``) compiled for the CPU with one infer request.
 
     int8 artifacts know their *points* (simulated quantizer -> the ONNX tensor its
@@ -172,7 +170,7 @@ class OvArtifact(Artifact):
         self.compiled = _core().compile_model(model, "CPU", self.config)
         self.request = self.compiled.create_infer_request()
         self.n_outputs = len(self.compiled.outputs)
-        self.ov_points: dict[str, dict[str, Any]] = dict(self.fields.get("points") or {})
+        self.probe_points: dict[str, dict[str, Any]] = dict(self.fields.get("points") or {})
         self._probe: tuple[GraphModule, dict[str, str]] | None = None
 
     def run(self, *inputs: torch.Tensor) -> Any:
@@ -185,20 +183,10 @@ class OvArtifact(Artifact):
 
     def _build_probe(self) -> tuple[GraphModule, dict[str, str]]:
         if self._probe is None:
-            probe = _OvProbe(self.model, list(self.ov_points.values()), self.config)
-            kept = [sim for sim, p in self.ov_points.items() if p in probe.points]
+            probe = _OvProbe(self.model, list(self.probe_points.values()), self.config)
+            kept = [sim for sim, p in self.probe_points.items() if p in probe.points]
             self._probe = probe_graph("openvino", "ov", probe, self.input_specs, self.n_outputs, kept, self.output_spec)
         return self._probe
-
-    @property
-    def graph_module(self) -> GraphModule | None:
-        """int8: an fx graph running the model with every quantizer's value exposed (see the class doc)."""
-        return self._build_probe()[0] if self.ov_points else None
-
-    @property
-    def points(self) -> dict[str, str]:
-        """Simulated quantizer node -> the node of :attr:`graph_module` with the same 8-bit value."""
-        return self._build_probe()[1] if self.ov_points else {}
 
     def runtime_precisions(self) -> dict[str, str]:
         """Each executed layer of the compiled graph -> the precision OpenVINO runs it in (``runtimePrecision``)."""
@@ -231,28 +219,10 @@ class OvBackend:
         self._needs = ("openvino", "onnx") + (("onnx_graphsurgeon",) if precision == "int8" else ())
 
     def unavailable_reason(self) -> str | None:
-        missing = []
-        for name in self._needs:
-            try:
-                importlib.import_module(name)
-            except Exception:  # ImportError, or a broken install raising something else
-                missing.append(name)
-        if missing:
-            return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed (pip install 'graphopt[openvino]')"
-        return _bf16_missing() if self.precision == "bf16" else None
-
-    def _threads(self, program: Program) -> int | None:
-        options = program.meta.get("backend_options") or {}
-        unknown = {k for k, v in options.items() if v is not None} - set(BACKEND_OPTIONS)
-        if unknown:
-            raise UsageError(f"ov-{self.precision}: unknown backend option(s) {choices(unknown)}; valid: {choices(BACKEND_OPTIONS)}")
-        threads = options.get("threads")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise UsageError(f"ov-{self.precision}: backend option 'threads' must be a positive integer, got {threads!r}")
-        return threads
+        return _missing(self._needs, "openvino") or (_bf16_missing() if self.precision == "bf16" else None)
 
     def lower(self, program: Program, target: TargetSpec) -> Artifact:
-        threads = self._threads(program)
+        threads = threads_option(program, target.name)
         if self.precision == "int8":
             data, fields, spec = export_int8(program, OPENVINO, target.name)
         else:
@@ -266,11 +236,7 @@ class OvBackend:
         for name in (MODEL_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
                 raise ArtifactError(f"artifact '{directory}' is missing {name}")
-        try:
-            specs = manifest_inputs(manifest)
-            output_spec = pytree.treespec_loads(manifest["output_structure"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ArtifactError(f"'{directory / 'artifact.json'}' is malformed for {target.name}: {type(exc).__name__}: {exc}") from None
+        specs, output_spec = read_io_specs(manifest, directory, target)
         path = directory / MODEL_FILE
         try:
             model = _core().read_model(str(path), str(directory / WEIGHTS_FILE))

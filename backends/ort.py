@@ -76,6 +76,7 @@ __all__ = [
     "QLinearGlobalAveragePool",
     "set_ort_arithmetic",
     "probe_graph",
+    "ProbedArtifact",
     "ort_fp32",
     "ort_int8",
 ]
@@ -86,7 +87,8 @@ BACKEND_OPTIONS = ("threads",)
 # Availability (imports are lazy: this module loads without onnx/onnxruntime)
 
 
-def _missing(modules: tuple[str, ...]) -> str | None:
+def _missing(modules: tuple[str, ...], extra: str = "onnx") -> str | None:
+    """Which of ``modules`` cannot be imported, with the install hint (``graphopt[EXTRA]``); None if all can."""
     missing = []
     for name in modules:
         try:
@@ -94,8 +96,28 @@ def _missing(modules: tuple[str, ...]) -> str | None:
         except Exception:  # ImportError, or a broken install raising something else
             missing.append(name)
     if missing:
-        return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed (pip install 'graphopt[onnx]')"
+        return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed (pip install 'graphopt[{extra}]')"
     return None
+
+
+def threads_option(program: Program, what: str) -> int | None:
+    """The ``threads`` backend option of ``program`` (None: not given), checked; ``what``: the target, for messages."""
+    options = program.meta.get("backend_options") or {}
+    unknown = {k for k, v in options.items() if v is not None} - set(BACKEND_OPTIONS)
+    if unknown:
+        raise UsageError(f"{what}: unknown backend option(s) {choices(unknown)}; valid: {choices(BACKEND_OPTIONS)}")
+    threads = options.get("threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"{what}: backend option 'threads' must be a positive integer, got {threads!r}")
+    return threads
+
+
+def read_io_specs(manifest: dict[str, Any], directory: Path, target: TargetSpec) -> tuple[list[InputSpec], pytree.TreeSpec]:
+    """(input specs, output structure) of a checked manifest; ArtifactError naming it if malformed."""
+    try:
+        return manifest_inputs(manifest), pytree.treespec_loads(manifest["output_structure"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"'{directory / 'artifact.json'}' is malformed for {target.name}: {type(exc).__name__}: {exc}") from None
 
 
 def default_threads() -> int:
@@ -406,7 +428,27 @@ def probe_graph(runtime: str, prefix: str, probe: nn.Module, input_specs: list[I
     return gm.eval(), points
 
 
-class OrtArtifact(Artifact):
+class ProbedArtifact(Artifact):
+    """An artifact whose quantized values an fx probe exposes (built on first use by ``_build_probe``)."""
+
+    #: simulated quantizer -> where the runtime holds its value (empty: no probe)
+    probe_points: dict[str, dict[str, Any]]
+
+    def _build_probe(self) -> tuple[GraphModule, dict[str, str]]:
+        raise NotImplementedError
+
+    @property
+    def graph_module(self) -> GraphModule | None:
+        """int8: an fx graph running the model with every quantizer's value exposed (see the class doc)."""
+        return self._build_probe()[0] if self.probe_points else None
+
+    @property
+    def points(self) -> dict[str, str]:
+        """Simulated quantizer node -> the node of :attr:`graph_module` with the same 8-bit value."""
+        return self._build_probe()[1] if self.probe_points else {}
+
+
+class OrtArtifact(ProbedArtifact):
     """An ONNX model and its ONNX Runtime session.
 
     int8 artifacts also know their *points* (simulated quantizer node -> the ONNX tensor
@@ -424,7 +466,7 @@ class OrtArtifact(Artifact):
         self.input_specs = input_specs
         self.output_spec = output_spec
         self.fields = dict(fields)
-        self.onnx_points: dict[str, dict[str, Any]] = dict(self.fields.get("points") or {})
+        self.probe_points: dict[str, dict[str, Any]] = dict(self.fields.get("points") or {})
         #: the simulated program it was lowered from rounds as these kernels do (set_ort_arithmetic)
         self.exact_simulation = precision == "int8" and not self.fields.get("not_bit_exact", ["unknown"])
         self.threads = threads or default_threads()
@@ -449,20 +491,10 @@ class OrtArtifact(Artifact):
 
     def _build_probe(self) -> tuple[GraphModule, dict[str, str]]:
         if self._probe is None:
-            probe = _OrtProbe(self.model_bytes, self.output_names, self.onnx_points, self.threads)
-            self._probe = probe_graph("onnxruntime", "ort", probe, self.input_specs, len(self.output_names), list(self.onnx_points),
+            probe = _OrtProbe(self.model_bytes, self.output_names, self.probe_points, self.threads)
+            self._probe = probe_graph("onnxruntime", "ort", probe, self.input_specs, len(self.output_names), list(self.probe_points),
                                       self.output_spec)
         return self._probe
-
-    @property
-    def graph_module(self) -> GraphModule | None:
-        """int8: an fx graph running the model with every quantizer's value exposed (see the class doc)."""
-        return self._build_probe()[0] if self.onnx_points else None
-
-    @property
-    def points(self) -> dict[str, str]:
-        """Simulated quantizer node -> the node of :attr:`graph_module` with the same 8-bit value."""
-        return self._build_probe()[1] if self.onnx_points else {}
 
     def save_files(self, directory: Path) -> dict[str, Any]:
         (directory / MODEL_FILE).write_bytes(self.model_bytes)
@@ -488,18 +520,8 @@ class OrtBackend:
     def unavailable_reason(self) -> str | None:
         return _missing(self._needs)
 
-    def _threads(self, program: Program) -> int | None:
-        options = program.meta.get("backend_options") or {}
-        unknown = {k for k, v in options.items() if v is not None} - set(BACKEND_OPTIONS)
-        if unknown:
-            raise UsageError(f"ort-{self.precision}: unknown backend option(s) {choices(unknown)}; valid: {choices(BACKEND_OPTIONS)}")
-        threads = options.get("threads")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise UsageError(f"ort-{self.precision}: backend option 'threads' must be a positive integer, got {threads!r}")
-        return threads
-
     def lower(self, program: Program, target: TargetSpec) -> Artifact:
-        threads = self._threads(program)
+        threads = threads_option(program, target.name)
         if self.precision == "int8":
             data, fields, spec = export_int8(program, ONNXRUNTIME, target.name)
             # s8 activations keep a ReLU before their symmetric quantizers, which ONNX Runtime
@@ -521,11 +543,7 @@ class OrtBackend:
             onnx.load_from_string(data)
         except Exception as exc:
             raise ArtifactError(f"'{path}' is not a readable ONNX model: {first_line(exc)}") from None
-        try:
-            specs = manifest_inputs(manifest)
-            output_spec = pytree.treespec_loads(manifest["output_structure"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ArtifactError(f"'{directory / 'artifact.json'}' is malformed for {target.name}: {type(exc).__name__}: {exc}") from None
+        specs, output_spec = read_io_specs(manifest, directory, target)
         skip = {"format", "target", "precision", "inputs", "backend", "files", "output_structure", "onnxruntime"}
         fields = {k: v for k, v in manifest.items() if k not in skip}
         try:

@@ -28,9 +28,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import random
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -40,6 +40,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/cpu_peers.py` from anywhere
+from bench.measure_ort import build_reference  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -98,25 +101,6 @@ def torch_ao_frozen(name: str, calib: list[torch.Tensor], example: torch.Tensor)
             prepared(c)
         frozen = torch.jit.freeze(torch.jit.trace(convert_fx(prepared), example).eval())
     return frozen
-
-
-def ort_quantize_static(fp32_onnx: Path, calib: list[torch.Tensor], out: Path) -> None:
-    """ONNX Runtime's own static quantizer on graphopt's ort-fp32 model: QDQ, U8 activations, S8 per-channel weights."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    input_name = ort.InferenceSession(str(fp32_onnx), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{input_name: c.numpy()} for c in calib])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    logging.getLogger().setLevel(logging.ERROR)
-    quantize_static(str(fp32_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=True, calibrate_method=CalibrationMethod.MinMax)
 
 
 def ort_runner(model: Path, threads: int) -> Callable[..., Any]:
@@ -189,8 +173,7 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
         variants[EAGER] = zoo.build(name).eval()
         variants[AO] = torch_ao_frozen(name, calib, x)
         if fp32_onnx.exists():
-            qs = d / "quantize_static.onnx"
-            ort_quantize_static(fp32_onnx, calib, qs)
+            _, qs = build_reference(fp32_onnx, calib, d)  # ONNX Runtime's own quantizer (bench/measure_ort.py)
             variants[ORT_QS] = ort_runner(qs, args.threads)
             variants[OV_ON_QS] = openvino_runner(qs, args.threads)
             nncf_run = openvino_nncf(fp32_onnx, calib, args.threads)
