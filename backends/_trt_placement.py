@@ -17,6 +17,7 @@ onnxconverter-common (opset 19: QuantizeLinear/DequantizeLinear take fp16 scales
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +43,14 @@ class Placement:
     #: quantizers a Concat no longer reads (its inputs' scales differed)
     concat_bypassed: list[str] = field(default_factory=list)
     residual_adds: int = 0
+    #: data-movement ops a kept pair was moved above
+    hoisted: int = 0
+    weight_transposes_folded: int = 0
 
     def stats(self) -> dict[str, int]:
         return {"kept_pairs": len(self.kept), "dropped_pairs": len(self.dropped),
-                "concat_bypassed": len(self.concat_bypassed), "residual_adds_fused": self.residual_adds}
+                "concat_bypassed": len(self.concat_bypassed), "residual_adds_fused": self.residual_adds,
+                "hoisted_above_data_movement": self.hoisted, "weight_transposes_folded": self.weight_transposes_folded}
 
 
 def _producer(t: Any) -> Any:
@@ -62,6 +67,8 @@ def _conv_behind(t: Any) -> Any:
     """The Conv/Gemm whose output ``t`` is (directly or through its own Q/DQ pair), if it feeds nothing else."""
     p = _producer(t)
     if p is not None and p.op == "DequantizeLinear" and _pair_input(p) is not None:
+        if len(t.outputs) != 1 or len(p.inputs[0].outputs) != 1:
+            return None  # the quantized conv output is read elsewhere too: the Add cannot fuse into the conv
         t = _pair_input(p)
         p = _producer(t)
     if p is not None and p.op in ("Conv", "Gemm") and len(t.outputs) == 1:
@@ -135,6 +142,50 @@ def _scale_of(dq: Any) -> float | None:
     return float(np.asarray(s.values).reshape(())) if isinstance(s, gs.Constant) and np.asarray(s.values).size == 1 else None
 
 
+def _hoist_above_moves(graph: Any, dq: Any) -> int:
+    """``x → Flatten → Q → DQ`` becomes ``x → Q → DQ → Flatten`` (exact: quantization commutes with
+    data movement), repeatedly, so no pair sits right after a reshape-like op. Returns the ops crossed."""
+    import onnx_graphsurgeon as gs
+
+    q, moved = _producer(dq.inputs[0]), 0
+    while True:
+        raw = q.inputs[0]
+        m = _producer(raw)
+        if m is None or m.op not in MOVES or len(raw.outputs) != 1 or raw in graph.outputs or not m.inputs:
+            return moved
+        out = dq.outputs[0]
+        below = gs.Variable(f"{out.name}_hoisted", dtype=m.inputs[0].dtype, shape=m.inputs[0].shape)
+        q.inputs[0] = m.inputs[0]
+        dq.outputs[0] = below
+        m.inputs[0] = below
+        m.outputs[0] = out
+        moved += 1
+
+
+def _fold_weight_transposes(graph: Any) -> int:
+    """``DQ(W, axis) → Transpose → MatMul`` (a Linear on a >2-D input) becomes ``DQ(Wᵀ, 1 - axis) → MatMul``:
+    TensorRT reads the per-channel weight straight from its DequantizeLinear."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    folded = 0
+    for dq in [n for n in graph.nodes if n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant)]:
+        w, users = dq.inputs[0], dq.outputs[0].outputs
+        if len(users) != 1 or users[0].op != "Transpose" or np.asarray(w.values).ndim != 2:
+            continue
+        t = users[0]
+        if list(t.attrs.get("perm", [1, 0])) != [1, 0] or not all(c.op == "MatMul" for c in t.outputs[0].outputs):
+            continue
+        dq.inputs[0] = gs.Constant(f"{w.name}_t", np.ascontiguousarray(np.asarray(w.values).T))
+        if np.asarray(dq.inputs[1].values).size > 1:
+            dq.attrs["axis"] = 1 - int(dq.attrs.get("axis", 1))
+        out = t.outputs[0]
+        t.outputs.clear()
+        dq.outputs[0] = out
+        folded += 1
+    return folded
+
+
 def place_for_tensorrt(graph: Any, points: dict[str, dict[str, Any]]) -> Placement:
     """Keep the activation Q/DQ pairs TensorRT fuses; drop the rest; one scale per Concat. In place."""
     graph.toposort()
@@ -145,9 +196,11 @@ def place_for_tensorrt(graph: Any, points: dict[str, dict[str, Any]]) -> Placeme
         point = point_of.get(dq.inputs[0].name, dq.inputs[0].name)
         if _read_quantized(dq.outputs[0], identity, graph):
             placement.kept.append(point)
+            placement.hoisted += _hoist_above_moves(graph, dq)
         else:
             _drop_pair(graph, dq)
             placement.dropped.append(point)
+    placement.weight_transposes_folded = _fold_weight_transposes(graph)
     graph.cleanup().toposort()
     for cat in [n for n in graph.nodes if n.op == "Concat"]:
         sources = [(i, _producer(t)) for i, t in enumerate(cat.inputs)]
@@ -193,6 +246,8 @@ def to_fp16(model: Any, what: str) -> Any:
     try:
         if model.opset_import[0].version < FP16_QDQ_OPSET:
             model = version_converter.convert_version(model, FP16_QDQ_OPSET)
-        return float16.convert_float_to_float16(model, keep_io_types=True)
+        with warnings.catch_warnings():  # one warning per weight below fp16's smallest normal: noise
+            warnings.simplefilter("ignore", UserWarning)
+            return float16.convert_float_to_float16(model, keep_io_types=True)
     except Exception as exc:
         raise LoweringError(f"{what}: the fp16 conversion (onnxconverter-common) failed: {first_line(exc)}") from None
