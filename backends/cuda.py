@@ -101,7 +101,8 @@ def _insert_casts(gm: GraphModule, keep: set[str]) -> None:
             n.replace_all_uses_with(cast, delete_user_cb=lambda u: u is not cast)
         elif n.op == "call_function" and any(a.op == "get_attr" and _layer_of(str(a.target)) in keep for a in n.all_input_nodes):
             with graph.inserting_before(n):
-                n.args = torch.fx.node.map_arg(n.args, lambda a: a if a.op == "get_attr" else graph.call_function(_cast, (a, torch.float32)))
+                to_fp32 = lambda a: a if a.op == "get_attr" else graph.call_function(_cast, (a, torch.float32))  # noqa: E731
+                n.args = torch.fx.node.map_arg(n.args, to_fp32)
             with graph.inserting_after(n):
                 back = graph.call_function(_cast, (n, torch.float16))
             n.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
@@ -245,7 +246,8 @@ class CudaBackend:
             raise ArtifactError(f"artifact '{directory}' is missing {MODEL_FILE}")
         layers_kept = manifest.get("fp32_layers", [])
         if not isinstance(layers_kept, list) or not all(isinstance(x, str) for x in layers_kept):
-            raise ArtifactError(f"'{directory / 'artifact.json'}': 'fp32_layers' is {layers_kept!r}, expected a list of layer names")
+            raise ArtifactError(f"'{directory / 'artifact.json'}': 'fp32_layers' is {layers_kept!r}, "
+                                "expected a list of layer names")
         exported = load_pt2(path, f"'{path}'", ArtifactError)
         return CudaArtifact(exported, target, manifest_inputs(manifest), layers_kept,
                             cuda_graphs=bool(manifest.get("cuda_graphs", True)))

@@ -39,7 +39,7 @@ from graphopt.backends import _trt_engine as engine_mod
 from graphopt.backends._onnx_export import _check, export_fp32
 from graphopt.backends._onnx_qdq import TENSORRT, export_int8
 from graphopt.backends._trt_placement import to_fp16
-from graphopt.backends.ort import MODEL_FILE, MANIFEST_KEYS, OrtArtifact, load_onnx_artifact
+from graphopt.backends.ort import MANIFEST_KEYS, MODEL_FILE, OrtArtifact, load_onnx_artifact
 from graphopt.errors import ArtifactError, UsageError, VerificationError
 from graphopt.program import Program
 from graphopt.targets import Artifact, BackendOption, TargetSpec, register_target
@@ -73,7 +73,8 @@ def onnx_missing() -> str | None:
         except Exception:
             missing.append(name)
     if missing:
-        return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed (pip install 'graphopt[onnx,tensorrt]')"
+        verb = "is" if len(missing) == 1 else "are"
+        return f"{', '.join(missing)} {verb} not installed (pip install 'graphopt[onnx,tensorrt]')"
     return None
 
 
@@ -144,7 +145,8 @@ class TensorRTBackend:
     options = (
         BackendOption("defer_engine", "where no GPU/TensorRT is present: write the TensorRT-ready ONNX + goldens, "
                       "checked with ONNX Runtime; the engine is built when loaded on the GPU machine", type=bool),
-        BackendOption("workspace_mib", f"TensorRT builder workspace in MiB [default: {engine_mod.DEFAULT_WORKSPACE_MIB}]", type=int),
+        BackendOption("workspace_mib", f"TensorRT builder workspace in MiB [default: {engine_mod.DEFAULT_WORKSPACE_MIB}]",
+                      type=int),
         BackendOption("max_batch", "largest batch of the engine's optimization profile [default: the compiled batch]", type=int),
     )
 
@@ -227,7 +229,8 @@ def _check_goldens(art: TensorRTArtifact, directory: Path) -> None:
 
 
 def _target(precision: str, pipeline: str, doc: str) -> TargetSpec:
-    return register_target(f"trt-{precision}", backend=TensorRTBackend(precision), precision=precision, pipeline=pipeline, doc=doc)
+    return register_target(f"trt-{precision}", backend=TensorRTBackend(precision), precision=precision, pipeline=pipeline,
+                           doc=doc)
 
 
 trt_fp16 = _target("fp16", "fuse-conv-bn-relu,dce",
