@@ -114,6 +114,8 @@ class EngineRunner:
 
         self.plan = plan
         self.runtime = trt.Runtime(_logger())
+        if hasattr(self.runtime, "engine_host_code_allowed"):
+            self.runtime.engine_host_code_allowed = False  # an engine file may not run host code (TensorRT's default)
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise ArtifactError("TensorRT could not deserialize the cached engine (another TensorRT or GPU?)")

@@ -182,6 +182,8 @@ class TensorRTBackend:
             _check(model, target.name)
             data = model.SerializeToString()
             fields["opset"] = model.opset_import[0].version
+        if options.get("max_batch", 0) > program.input_specs[0].shape[0]:
+            data = dynamic_batch(data, options["max_batch"], target.name)
         fields["backend_options"] = {"defer_engine": bool(options.get("defer_engine"))}
         fields["engine_options"] = {k: options[k] for k in ("workspace_mib", "max_batch") if k in options}
         art = TensorRTArtifact(data, target, self.precision, program.input_specs, spec, fields)
@@ -198,15 +200,44 @@ class TensorRTBackend:
         if gpu_missing() is not None:
             return art  # deferred (load_artifact refuses a non-deferred one here: the target is unavailable)
         key, plan = engine_mod.load_cached(directory)
-        if plan is not None:
-            art.attach_engine(plan, key)
-            return art
-        if art.goldens is None:
-            raise ArtifactError(f"'{directory}' has no engine for {key} and no {GOLDENS_FILE} to check a new one against")
-        art.attach_engine(_build(art, target.name), key)
-        _check_goldens(art, directory)
-        engine_mod.write_atomic(engine_mod.engine_path(directory, key), art.engine.plan)
+        if art.goldens is None:  # the engine would be unchecked: a cached one may come from anywhere
+            raise ArtifactError(f"'{directory}' has no {GOLDENS_FILE} to check its TensorRT engine against")
+        art.attach_engine(plan if plan is not None else _build(art, target.name), key)
+        _check_goldens(art, directory, cached=plan is not None)
+        if plan is None:
+            engine_mod.write_atomic(engine_mod.engine_path(directory, key), art.engine.plan)
         return art
+
+
+def dynamic_batch(model_bytes: bytes, max_batch: int, what: str) -> bytes:
+    """The model with a symbolic batch dim (``batch``) on every input and output, checked on ONNX Runtime:
+    ``max_batch`` copies of one input must give that input's outputs. UsageError where the graph fixes the batch."""
+    import numpy as np
+    import onnx
+
+    from graphopt.backends.ort import _session
+
+    model = onnx.load_from_string(model_bytes)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
+    for value in [*model.graph.input, *model.graph.output]:
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_value")
+        dim.dim_param = "batch"
+    del model.graph.value_info[:]  # shapes inside were inferred at the compiled batch
+    data = model.SerializeToString()
+    try:
+        session = _session(data, 1, spin=False, optimize=False)
+        rng = np.random.default_rng(0)
+        feeds = {i.name: np.repeat(rng.standard_normal((1, *shapes[i.name][1:])).astype(np.float32), max_batch, axis=0)
+                 for i in session.get_inputs()}
+        outs = session.run(None, feeds)
+        ok = all(o.shape[0] == max_batch and np.allclose(o, o[:1], rtol=1e-2, atol=1e-2) for o in outs)
+    except Exception:
+        ok = False
+    if not ok:
+        raise UsageError(f"{what}: --max-batch {max_batch}: the exported graph fixes its batch dim (a reshape to a constant "
+                         "batch?); compile at the batch size you need instead")
+    return data
 
 
 def _build(art: TensorRTArtifact, what: str) -> bytes:
@@ -216,16 +247,18 @@ def _build(art: TensorRTArtifact, what: str) -> bytes:
                                    max_batch=opts.get("max_batch"), what=what)
 
 
-def _check_goldens(art: TensorRTArtifact, directory: Path) -> None:
-    """The new engine against the stored goldens, at the target's tolerance; VerificationError (nothing cached) if not."""
+def _check_goldens(art: TensorRTArtifact, directory: Path, *, cached: bool) -> None:
+    """The engine against the stored goldens, at the target's tolerance; VerificationError (a new one is not cached) if not."""
     from graphopt.fx_util import run_all
 
     inputs, outputs = art.goldens
     metrics = compare(outputs, run_all(art.run, inputs)).metrics
     bad = default_tolerance(art.precision).violations(metrics)
     if bad:
-        raise VerificationError(f"the engine built for '{directory}' on {art.engine_key} does not match its goldens: "
-                                f"{'; '.join(bad)}; no engine was cached")
+        which = f"the cached engine '{engine_mod.engine_path(directory, art.engine_key)}'" if cached else \
+            f"the engine built for '{directory}' on {art.engine_key}"
+        raise VerificationError(f"{which} does not match its goldens: {'; '.join(bad)}"
+                                f"{'' if cached else '; no engine was cached'}")
 
 
 def _target(precision: str, pipeline: str, doc: str) -> TargetSpec:

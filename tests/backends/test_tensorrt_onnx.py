@@ -231,3 +231,31 @@ def test_trt_int8_refuses_u8_and_reduced_range(host):
                             ("fuse-conv-bn-relu,insert-quant-stubs{activations=s8,reduce_range=true},dce", "reduce_range")):
         with pytest.raises(UsageError, match=words):
             compile_zoo(host, "digits_cnn", "trt-int8", pipeline=pipeline, backend_options=DEFER)
+
+
+def test_max_batch_makes_the_batch_dim_dynamic_for_the_optimization_profile(host):
+    _, program, artifact, samples = compile_zoo(host, "resnet18", "trt-fp16", size=32,
+                                                backend_options={**DEFER, "max_batch": 4})
+    for value in [*artifact.model.graph.input, *artifact.model.graph.output]:
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert artifact.fields["engine_options"] == {"max_batch": 4}
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    batched = artifact.run(x)
+    assert batched.shape == (3, 1000)
+    assert torch.allclose(batched[1:2], artifact.run(x[1:2]), rtol=1e-2, atol=1e-2)
+
+
+def test_max_batch_refuses_a_graph_that_fixes_its_batch():
+    import io
+
+    from graphopt.backends.tensorrt import dynamic_batch
+    from graphopt.errors import UsageError
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return torch.relu(x).reshape(1, -1)
+
+    buf = io.BytesIO()
+    torch.onnx.export(Fixed(), (torch.randn(1, 3, 4, 4),), buf, dynamo=False, input_names=["x"])
+    with pytest.raises(UsageError, match="--max-batch 4: the exported graph fixes its batch dim"):
+        dynamic_batch(buf.getvalue(), 4, "trt-fp16")
