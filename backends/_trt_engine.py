@@ -102,6 +102,9 @@ def build_engine(onnx_bytes: bytes, precision: str, input_shapes: Sequence[tuple
     return bytes(plan)
 
 
+#: How the inspector's "Format/Datatype" text names a layer output's precision (first match wins).
+PRECISION_WORDS = (("int8", ("int8",)), ("fp16", ("half", "fp16")), ("bf16", ("bf16",)), ("fp32", ("float", "fp32")))
+
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT8": torch.int8, "INT32": torch.int32,
                  "INT64": torch.int64, "BOOL": torch.bool, "BF16": torch.bfloat16}
 
@@ -158,13 +161,9 @@ class EngineRunner:
         for layer in info.get("Layers", []):
             if not isinstance(layer, dict):
                 continue
-            types = {str(t.get("Format/Datatype", "")).split()[-1] for t in layer.get("Outputs", []) if isinstance(t, dict)}
-            for kind in ("Int8", "Half", "Float"):
-                if any(kind in t for t in types):
-                    counts[kind.lower()] = counts.get(kind.lower(), 0) + 1
-                    break
-            else:
-                counts["other"] = counts.get("other", 0) + 1
+            text = " ".join(str(t.get("Format/Datatype", "")) for t in layer.get("Outputs", []) if isinstance(t, dict)).lower()
+            kind = next((k for k, words in PRECISION_WORDS if any(w in text for w in words)), "other")
+            counts[kind] = counts.get(kind, 0) + 1
         return counts
 
 

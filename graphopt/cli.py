@@ -327,8 +327,9 @@ def verify_cmd(artifact: Path, golden: Path | None, as_json: bool, **tol: Any) -
     else:
         m = comparison.metrics
         runtime = getattr(art, "runtime", None)
+        where = f"{artifact} on {runtime}" if runtime else f"{artifact}"
         _console().print(
-            f"{artifact}{f' on {runtime}' if runtime else ''} vs {golden} ({len(gold.inputs)} inputs): max_abs_err {m.max_abs_err:.3g}, "
+            f"{where} vs {golden} ({len(gold.inputs)} inputs): max_abs_err {m.max_abs_err:.3g}, "
             f"max_rel_err {m.max_rel_err:.3g}, cosine {m.cosine:.6f}, sqnr {m.sqnr_db:.1f} dB"
         )
     if bad:
