@@ -109,6 +109,27 @@ def test_a_non_deferred_trt_artifact_does_not_load_without_a_gpu(tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     res = graphopt("verify", "out", cwd=tmp_path)
     assert res.returncode == 3 and "target 'trt-fp16' cannot run here: no CUDA GPU" in res.stderr
+    # goldens are read without unpickling: a goldens.npz holding a pickled object is refused, its code never runs
+    import numpy as np
+
+    import graphopt as go
+    from graphopt.errors import ArtifactError
+
+    manifest["backend_options"] = {"defer_engine": True}
+    manifest_path.write_text(json.dumps(manifest))
+    marker = tmp_path / "ran"
+    np.savez(tmp_path / "out" / "goldens.npz", meta=np.array([_Payload(marker)], dtype=object))
+    with pytest.raises(ArtifactError, match="is not a graphopt golden file"):
+        go.load_artifact(tmp_path / "out")
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
 
 
 def test_verify_without_golden_needs_an_artifact_that_has_goldens(tmp_path):
