@@ -63,10 +63,16 @@ class QDQPolicy:
 
     OpenVINO (:data:`OPENVINO`) reads every Q/DQ pair as a FakeQuantize and moves it across
     MaxPool/reshape itself, and never quantizes a float weight on its own: no extra pairs,
-    no pinning. TensorRT comes next. TensorRT fuses only symmetric int8 (zero point 0) and
-    moves MaxPool/reshape across Q/DQ itself (extra pairs break its fusions): its row would be
-    ``QDQPolicy("tensorrt", ("s8",), fold_activations=True, requantize_after=frozenset(),
-    pin_fp32_layers=False)``.
+    no pinning.
+    TensorRT (:data:`TENSORRT`) fuses only symmetric int8 and moves MaxPool/reshape across Q/DQ itself.
+
+    ``only_where_consumed``: keep an activation pair only where a quantized op reads it (the
+    activation input of Conv/Gemm, the identity branch of a residual Add whose other branch
+    is a conv the Add fuses into, see :mod:`graphopt.backends._trt_placement`); every other
+    pair goes (TensorRT: extra pairs break its fusions). ``share_concat_scales``: a Concat
+    reads its inputs' pairs only when they share one scale. ``high_precision``: the float
+    type of everything not quantized (``fp16``: converted by onnxconverter-common, opset 19
+    for fp16 Q/DQ scales).
     """
 
     runtime: str
@@ -74,6 +80,9 @@ class QDQPolicy:
     fold_activations: bool
     requantize_after: frozenset[str]
     pin_fp32_layers: bool
+    only_where_consumed: bool = False
+    share_concat_scales: bool = False
+    high_precision: str = "fp32"
 
 
 ONNXRUNTIME = QDQPolicy("onnxruntime", ("u8", "s8"), fold_activations=True, requantize_after=DATA_MOVEMENT_OPS,
@@ -81,8 +90,12 @@ ONNXRUNTIME = QDQPolicy("onnxruntime", ("u8", "s8"), fold_activations=True, requ
 #: u8 asymmetric activations measured faster and more accurate than s8 under OpenVINO
 #: (numbers in :mod:`graphopt.backends.openvino`); weights symmetric int8 per channel.
 OPENVINO = QDQPolicy("openvino", ("u8", "s8"), fold_activations=True, requantize_after=frozenset(), pin_fp32_layers=False)
+#: TensorRT: symmetric int8 only, Q/DQ only on the inputs of Conv/Gemm and residual identities,
+#: nothing around MaxPool/reshape (TensorRT moves them itself), fp16 elsewhere (strongly typed).
+TENSORRT = QDQPolicy("tensorrt", ("s8",), fold_activations=False, requantize_after=frozenset(), pin_fp32_layers=False,
+                     only_where_consumed=True, share_concat_scales=True, high_precision="fp16")
 #: The placement table: runtime -> its policy.
-POLICIES: dict[str, QDQPolicy] = {p.runtime: p for p in (ONNXRUNTIME, OPENVINO)}
+POLICIES: dict[str, QDQPolicy] = {p.runtime: p for p in (ONNXRUNTIME, OPENVINO, TENSORRT)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -399,8 +412,12 @@ def _collect_points(graph: Any) -> dict[str, dict[str, Any]]:
     return points
 
 
-def _shape(model_bytes: bytes, policy: QDQPolicy) -> tuple[Any, dict[str, int], dict[str, dict[str, Any]]]:
-    """The exported Q/DQ model shaped for ``policy``'s runtime: (model, surgery counts, points)."""
+def _shape(model_bytes: bytes, policy: QDQPolicy, sim: GraphModule) -> tuple[Any, dict[str, int], dict[str, dict[str, Any]]]:
+    """The exported Q/DQ model shaped for ``policy``'s runtime: (model, surgery counts, points).
+
+    Where the policy drops pairs (``only_where_consumed``), the simulated program ``sim`` is
+    changed to compute the same.
+    """
     import onnx
     import onnx_graphsurgeon as gs
 
@@ -409,6 +426,12 @@ def _shape(model_bytes: bytes, policy: QDQPolicy) -> tuple[Any, dict[str, int], 
     graph.cleanup()
     points = _collect_points(graph)
     stats: dict[str, int] = {}
+    if policy.only_where_consumed:
+        from graphopt.backends._trt_placement import mirror_on_simulation, place_for_tensorrt
+
+        placement = place_for_tensorrt(graph, points)
+        mirror_on_simulation(sim, placement)
+        stats.update(placement.stats())
     if policy.fold_activations:
         stats["relu_clip_absorbed"] = _drop_redundant_activations(graph)
     graph.cleanup()
@@ -419,6 +442,10 @@ def _shape(model_bytes: bytes, policy: QDQPolicy) -> tuple[Any, dict[str, int], 
     graph.cleanup().toposort()
     model = gs.export_onnx(graph, do_type_check=True)
     model.opset_import[0].version = max(model.opset_import[0].version, OPSET)
+    if policy.high_precision == "fp16":
+        from graphopt.backends._trt_placement import to_fp16
+
+        model = to_fp16(model, policy.runtime)
     alive = {o for n in model.graph.node for o in n.output}
     return model, stats, {k: v for k, v in points.items() if v["tensor"] in alive}
 
@@ -453,16 +480,18 @@ def export_int8(program: Program, policy: QDQPolicy, what: str) -> tuple[bytes, 
     scheme = info.config.activations
     if scheme not in policy.activations:
         raise UsageError(f"{what}: {policy.runtime} does not run activations={scheme}; valid: {choices(policy.activations)}")
+    if policy.only_where_consumed and info.config.reduce_range:
+        raise UsageError(f"{what}: {policy.runtime} quantizes to the full int8 range; drop reduce_range from insert-quant-stubs")
     clear_kernel_arithmetic(program.graph_module)
     gm, counts = _qdq_module(program.graph_module)
     example = tuple(t.detach() for t in program.example_inputs)
     names = [s.name for s in program.input_specs]
     data, exporter, opset, spec = _export(gm, example, names, what=what, allow_dynamo=False)
-    model, surgery, points = _shape(data, policy)
+    model, surgery, points = _shape(data, policy, program.graph_module)
     _check(model, what)
     fields = {
         "exporter": exporter,
-        "opset": opset,
+        "opset": max(opset, model.opset_import[0].version),
         "activations": scheme,
         "reduce_range": info.config.reduce_range,
         "weights": "int8 symmetric " + ("per-channel (axis 0)" if info.config.per_channel else "per-tensor"),

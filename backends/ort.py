@@ -357,16 +357,18 @@ def _folded(sim: GraphModule, act: Node, qp: QParams) -> bool:
 # Artifact and backend
 
 
-def _session(model_bytes: bytes, threads: int, *, spin: bool = True) -> Any:
+def _session(model_bytes: bytes, threads: int, *, spin: bool = True, optimize: bool = True) -> Any:
     """An ORT_ENABLE_ALL CPU session. ``spin``: idle intra-op threads busy-wait for the next
     run (ONNX Runtime's default: ~25% lower latency on resnet18 int8 here, but a torch
-    run right after it fights those threads for the cores)."""
+    run right after it fights those threads for the cores). ``optimize=False``: ORT_DISABLE_ALL,
+    every op run as the graph says (no fusion)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = ort.GraphOptimizationLevel
+    so.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -382,7 +384,8 @@ class _OrtProbe(nn.Module):
     ``QLinearConv`` produces exactly that tensor).
     """
 
-    def __init__(self, model_bytes: bytes, output_names: list[str], points: dict[str, dict[str, Any]], threads: int) -> None:
+    def __init__(self, model_bytes: bytes, output_names: list[str], points: dict[str, dict[str, Any]], threads: int,
+                 optimize: bool = True) -> None:
         super().__init__()
         import onnx
 
@@ -392,7 +395,7 @@ class _OrtProbe(nn.Module):
         for p in points.values():
             if p["tensor"] not in present:
                 model.graph.output.append(onnx.helper.make_tensor_value_info(p["tensor"], types[p["dtype"]], None))
-        self.session = _session(model.SerializeToString(), threads, spin=False)  # checks interleave with torch
+        self.session = _session(model.SerializeToString(), threads, spin=False, optimize=optimize)  # checks interleave with torch
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = list(output_names)
         self.points = list(points.values())
@@ -458,6 +461,9 @@ class OrtArtifact(ProbedArtifact):
     quantized op to its own output steps, not only the end-to-end output.
     """
 
+    #: ORT_ENABLE_ALL (False: run the graph op by op as written, for a file another runtime will run)
+    optimize: bool = True
+
     def __init__(self, model_bytes: bytes, target: TargetSpec | str, precision: str, input_specs: list[InputSpec],
                  output_spec: pytree.TreeSpec, fields: dict[str, Any], threads: int | None = None) -> None:
         self.model_bytes = model_bytes
@@ -470,7 +476,7 @@ class OrtArtifact(ProbedArtifact):
         #: the simulated program it was lowered from rounds as these kernels do (set_ort_arithmetic)
         self.exact_simulation = precision == "int8" and not self.fields.get("not_bit_exact", ["unknown"])
         self.threads = threads or default_threads()
-        self.session = _session(model_bytes, self.threads)
+        self.session = _session(model_bytes, self.threads, optimize=self.optimize)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._probe: tuple[GraphModule, dict[str, str]] | None = None
@@ -491,7 +497,7 @@ class OrtArtifact(ProbedArtifact):
 
     def _build_probe(self) -> tuple[GraphModule, dict[str, str]]:
         if self._probe is None:
-            probe = _OrtProbe(self.model_bytes, self.output_names, self.probe_points, self.threads)
+            probe = _OrtProbe(self.model_bytes, self.output_names, self.probe_points, self.threads, self.optimize)
             self._probe = probe_graph("onnxruntime", "ort", probe, self.input_specs, len(self.output_names), list(self.probe_points),
                                       self.output_spec)
         return self._probe
@@ -533,26 +539,35 @@ class OrtBackend:
         return OrtArtifact(data, target, self.precision, program.input_specs, spec, fields, threads)
 
     def load(self, directory: Path, manifest: dict[str, Any], target: TargetSpec) -> Artifact:
-        import onnx
+        return load_onnx_artifact(OrtArtifact, directory, manifest, target, self.precision)
 
-        path = directory / MODEL_FILE
-        if not path.is_file():
-            raise ArtifactError(f"artifact '{directory}' is missing {MODEL_FILE}")
-        data = path.read_bytes()
-        try:
-            onnx.load_from_string(data)
-        except Exception as exc:
-            raise ArtifactError(f"'{path}' is not a readable ONNX model: {first_line(exc)}") from None
-        specs, output_spec = read_io_specs(manifest, directory, target)
-        skip = {"format", "target", "precision", "inputs", "backend", "files", "output_structure", "onnxruntime"}
-        fields = {k: v for k, v in manifest.items() if k not in skip}
-        try:
-            art = OrtArtifact(data, target, self.precision, specs, output_spec, fields)
-        except Exception as exc:
-            raise ArtifactError(f"ONNX Runtime cannot load '{path}': {first_line(exc)}") from None
-        if art.input_names != [s.name for s in specs]:
-            raise ArtifactError(f"'{path}' has inputs {art.input_names}, but its manifest names {[s.name for s in specs]}")
-        return art
+
+#: Manifest keys that are not the artifact's own fields (``OrtArtifact.fields``).
+MANIFEST_KEYS = frozenset({"format", "target", "precision", "inputs", "backend", "files", "output_structure", "onnxruntime"})
+
+
+def load_onnx_artifact(cls: type[OrtArtifact], directory: Path, manifest: dict[str, Any], target: TargetSpec,
+                       precision: str, skip: frozenset[str] = MANIFEST_KEYS) -> OrtArtifact:
+    """An :class:`OrtArtifact` (or subclass ``cls``) read back from ``model.onnx`` and its manifest; ArtifactError if damaged."""
+    import onnx
+
+    path = directory / MODEL_FILE
+    if not path.is_file():
+        raise ArtifactError(f"artifact '{directory}' is missing {MODEL_FILE}")
+    data = path.read_bytes()
+    try:
+        onnx.load_from_string(data)
+    except Exception as exc:
+        raise ArtifactError(f"'{path}' is not a readable ONNX model: {first_line(exc)}") from None
+    specs, output_spec = read_io_specs(manifest, directory, target)
+    fields = {k: v for k, v in manifest.items() if k not in skip}
+    try:
+        art = cls(data, target, precision, specs, output_spec, fields)
+    except Exception as exc:
+        raise ArtifactError(f"ONNX Runtime cannot load '{path}': {first_line(exc)}") from None
+    if art.input_names != [s.name for s in specs]:
+        raise ArtifactError(f"'{path}' has inputs {art.input_names}, but its manifest names {[s.name for s in specs]}")
+    return art
 
 
 def _target(precision: str, pipeline: str, doc: str):

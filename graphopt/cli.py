@@ -85,7 +85,8 @@ class _CompileCommand(click.Command):
                     raise PluginError(f"target '{t.name}' declares backend option {option.flag}, which compile already has")
                 declared.setdefault(option.name, (option, []))[1].append(t.name)
         self.params = own + [
-            click.Option([o.flag, _BACKEND + name], default=None, metavar=o.type_text(), help=f"{o.help} ({', '.join(targets)})")
+            click.Option([o.flag, _BACKEND + name], default=None, help=f"{o.help} ({', '.join(targets)})",
+                         **({"is_flag": True, "flag_value": True} if o.is_flag else {"metavar": o.type_text()}))
             for name, (o, targets) in declared.items()
         ]
         return super().parse_args(ctx, args)
@@ -303,16 +304,25 @@ def profile_cmd(source: str, input_shapes: tuple[str, ...], runs: int, warmup: i
 
 @cli.command("verify")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--golden", type=click.Path(path_type=Path), required=True, help="Golden file from `graphopt golden record`.")
+@click.option("--golden", type=click.Path(path_type=Path),
+              help="Golden file from `graphopt golden record` [default: the artifact's own goldens.npz, where it has one].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_tolerance_options
-def verify_cmd(artifact: Path, golden: Path, as_json: bool, **tol: Any) -> None:
-    """Check a compiled ARTIFACT folder against a golden file's recorded outputs."""
-    from graphopt.compiler import load_artifact, run_all
-    from graphopt.errors import DataError, VerificationError
-    from graphopt.report import Verification
-    from graphopt.verify import check_golden_fits, compare, load_golden
+def verify_cmd(artifact: Path, golden: Path | None, as_json: bool, **tol: Any) -> None:
+    """Check a compiled ARTIFACT folder against a golden file's recorded outputs.
 
+    A TensorRT artifact made with --defer-engine carries its goldens: on a GPU machine this
+    builds its engine (cached beside it once it matches them) and checks it.
+    """
+    from graphopt.compiler import load_artifact, run_all
+    from graphopt.errors import DataError, UsageError, VerificationError
+    from graphopt.report import Verification
+    from graphopt.verify import GOLDENS_FILE, check_golden_fits, compare, load_golden
+
+    if golden is None:
+        golden = artifact / GOLDENS_FILE
+        if not golden.is_file():
+            raise UsageError(f"'{artifact}' holds no {GOLDENS_FILE}: give --golden (a file from `graphopt golden record`)")
     art = load_artifact(artifact)
     gold = load_golden(golden)
     tolerance = _tolerance(art.precision, tol)
@@ -327,8 +337,10 @@ def verify_cmd(artifact: Path, golden: Path, as_json: bool, **tol: Any) -> None:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
         m = comparison.metrics
+        runtime = getattr(art, "runtime", None)
+        where = f"{artifact} on {runtime}" if runtime else f"{artifact}"
         _console().print(
-            f"{artifact} vs {golden} ({len(gold.inputs)} inputs): max_abs_err {m.max_abs_err:.3g}, "
+            f"{where} vs {golden} ({len(gold.inputs)} inputs): max_abs_err {m.max_abs_err:.3g}, "
             f"max_rel_err {m.max_rel_err:.3g}, cosine {m.cosine:.6f}, sqnr {m.sqnr_db:.1f} dB"
         )
     if bad:

@@ -172,6 +172,11 @@ class Report:
             counts = Counter(f["op"] for f in floats)
             ops = ", ".join(f"{op} x{k}" for op, k in counts.items())
             lines.append(f"fp32 ops (no int8 kernel, between dequantize and quantize): {ops}")
+        trt = self.extra.get("tensorrt")
+        if trt:
+            layers = trt.get("layer_precisions")
+            per_layer = f"; engine layers by precision: {', '.join(f'{k} {v}' for k, v in layers.items())}" if layers else ""
+            lines.append(f"tensorrt: {trt['runtime']}{per_layer}")
         cal = self.extra.get("calibration")
         if cal:
             lines.append(f"calibration: {cal['source']}")

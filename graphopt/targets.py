@@ -71,6 +71,16 @@ class Artifact(ABC):
     #: the end-to-end check applies.
     points: Mapping[str, str] = MappingProxyType({})
 
+    #: (verification inputs, the original's outputs on them), set by the compiler before the
+    #: artifact is saved. A backend whose artifact is finished on another machine (TensorRT's
+    #: engine) saves them and checks itself against them there; others ignore them.
+    goldens: tuple[Sequence[Any], Sequence[Any]] | None = None
+
+    @property
+    def report_extra(self) -> dict[str, Any]:
+        """What the backend adds to the compile report (``report.extra``), e.g. TensorRT's per-layer precision."""
+        return {}
+
     @abstractmethod
     def run(self, *inputs: torch.Tensor) -> Any:
         """Run on CPU tensors; returns what the original model returns."""
@@ -106,8 +116,9 @@ class Artifact(ABC):
 class BackendOption:
     """An option a backend takes: ``--NAME VALUE`` on the command line, ``backend_options={NAME: VALUE}`` in Python.
 
-    ``choices`` (a closed set of strings) or ``type`` (``str``, ``int`` or ``float``) says
-    what is valid; ``default`` None means the backend decides (say how in ``help``).
+    ``choices`` (a closed set of strings) or ``type`` (``str``, ``int``, ``float``, or ``bool``:
+    a flag without a value) says what is valid; ``default`` None means the backend decides
+    (say how in ``help``).
     """
 
     name: str
@@ -120,14 +131,22 @@ class BackendOption:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def is_flag(self) -> bool:
+        return self.type is bool
+
     def type_text(self) -> str:
-        return "|".join(self.choices) if self.choices else self.type.__name__
+        return "|".join(self.choices) if self.choices else ("flag" if self.is_flag else self.type.__name__)
 
     def convert(self, value: Any, target: str) -> Any:
         """``value`` (text from the command line, or a Python value) checked and converted; UsageError if invalid."""
         if self.choices:
             if value not in self.choices:
                 raise UsageError(f"{self.flag} {value!r} for target '{target}': not one of {choices(self.choices)}")
+            return value
+        if self.is_flag:
+            if not isinstance(value, bool):
+                raise UsageError(f"{self.flag} {value!r} for target '{target}': a flag takes no value (True or False in Python)")
             return value
         if isinstance(value, str) and self.type is not str:
             try:
@@ -148,7 +167,13 @@ class Backend(Protocol):
     options: Sequence[BackendOption]
 
     def unavailable_reason(self) -> str | None:
-        """None when this machine can run the backend, else why not (one line)."""
+        """None when this machine can run the backend, else why not (one line).
+
+        A backend that can do part of its work without its hardware may also define
+        ``unavailable_reason_for(options)``: the same question for a compile with these
+        backend options, or for loading an artifact whose manifest recorded them
+        (``"backend_options"``), e.g. TensorRT's ``defer_engine``.
+        """
 
     def lower(self, program: Program, target: "TargetSpec") -> Artifact:
         """Turn an optimized program into an artifact."""
@@ -166,8 +191,10 @@ class TargetSpec:
     doc: str
     source: str = field(default="", compare=False)
 
-    def check_available(self) -> None:
-        reason = self.backend.unavailable_reason()
+    def check_available(self, options: Mapping[str, Any] | None = None) -> None:
+        """BackendUnavailableError unless this machine can compile with (or load an artifact made with) ``options``."""
+        for_options = getattr(self.backend, "unavailable_reason_for", None)
+        reason = for_options(dict(options or {})) if for_options is not None else self.backend.unavailable_reason()
         if reason:
             raise BackendUnavailableError(f"target '{self.name}' cannot run here: {reason}")
 
