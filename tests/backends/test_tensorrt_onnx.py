@@ -164,10 +164,10 @@ def test_trt_int8_onnx_on_onnxruntime_matches_the_mirrored_simulation(lowered_zo
     2 of its own steps on ONNX Runtime (fp16 in between), and the whole model is as accurate as the simulation."""
     model, program, artifact, samples = lowered_zoo(name, "trt-int8", backend_options=DEFER)
     live = {n.name for n in program.graph_module.graph.nodes}
-    assert set(artifact.onnx_points) <= live and len(artifact.onnx_points) == artifact.fields["qdq"]["kept_pairs"]
+    assert set(artifact.probe_points) <= live and len(artifact.probe_points) == artifact.fields["qdq"]["kept_pairs"]
     split = verify_int8(model, program, artifact, samples)
     assert not split["violations"], split["violations"]
-    assert split["lowering_local"]["compared"] == len(artifact.onnx_points)
+    assert split["lowering_local"]["compared"] == len(artifact.probe_points)
     with torch.no_grad():  # the lowering loses next to nothing beyond quantization (4 random calibration batches)
         cosine = compare([model(*s) for s in samples], [artifact.run(*s) for s in samples]).metrics.cosine
     assert cosine >= split["quantization_error"]["cosine"] - 0.005 and cosine >= 0.95
