@@ -144,6 +144,14 @@ def cli(debug: bool) -> None:
 @click.option("--recover-steps", default=0, show_default=True, type=int,
               help="Distillation steps against the original after the passes (before quantization).")
 @click.option("--recover-lr", default=1e-2, show_default=True, type=float, help="Peak learning rate for --recover-steps.")
+@click.option("--recover-every", is_flag=True,
+              help="Recover after every approximate structural pass (iterative pruning: prune, recover, k times).")
+@click.option("--qat-steps", default=0, show_default=True, type=int,
+              help="Quantization-aware fine-tuning steps after insert-quant-stubs (int8 targets).")
+@click.option("--qat-lr", default=1e-4, show_default=True, type=float, help="Peak learning rate for --qat-steps.")
+@click.option("--train-data", metavar="FILE|DIR|PKG:FN",
+              help="Inputs for --recover-steps/--qat-steps (the --calib-data formats; a .npz may add 'labels'). "
+                   "Default: the calibration samples.")
 @click.option("--verify-samples", default=8, show_default=True, type=click.IntRange(min=1), help="Number of verification inputs.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random inputs.")
 @click.option("--weights", type=click.Path(path_type=Path), help="A state_dict file to load into the model a factory builds.")
@@ -156,7 +164,8 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, output: 
                 input_shapes: tuple[str, ...], pipeline: str | None, verify_each: bool,
                 print_ir_after: tuple[str, ...], plugins: tuple[str, ...], calib_data: str | None,
                 calib_samples: int, calib_size: str | None, calib_normalize: str, keep_fp32: tuple[str, ...],
-                recover_steps: int, recover_lr: float, verify_samples: int, seed: int,
+                recover_steps: int, recover_lr: float, recover_every: bool, qat_steps: int, qat_lr: float,
+                train_data: str | None, verify_samples: int, seed: int,
                 weights: Path | None, trust_pickle: bool, no_latency: bool, as_json: bool, quiet: bool,
                 **kw: Any) -> None:
     """Compile SOURCE (zoo:NAME, pkg.module:factory, model.pt2, model.pt) for a target.
@@ -181,7 +190,8 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, output: 
         verify_each=verify_each, data=calib_data, verify_samples=verify_samples, calib_samples=calib_samples,
         calib_size=calib_size, calib_normalize=calib_normalize, keep_fp32=keep_fp32,
         backend_options={k: v for k, v in backend_options.items() if v is not None}, recover_steps=recover_steps,
-        recover_lr=recover_lr, seed=seed, tolerance=_tolerance(spec.precision, kw, none_if_default=True), plugins=plugins,
+        recover_lr=recover_lr, recover_every=recover_every, qat_steps=qat_steps, qat_lr=qat_lr, train_data=train_data,
+        seed=seed, tolerance=_tolerance(spec.precision, kw, none_if_default=True), plugins=plugins,
         weights=weights, trust_pickle=trust_pickle, print_ir_after=print_ir_after, measure=not no_latency, on_stage=stages,
     )
     try:
