@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 import warnings
@@ -34,7 +35,8 @@ __all__ = ["TuneSettings", "OBJECTIVES", "SAMPLERS", "open_study", "run_study", 
 OBJECTIVES = {"latency": ("latency_ms", "ms"), "size": ("size_bytes", "bytes"), "macs": ("macs", "MACs")}
 SAMPLERS = ("tpe", "nsga2")
 STUDY_NAME = "graphopt-tune"
-HEARTBEAT_S = 5
+#: seconds between heartbeats of a running trial (a trial silent for 4 of them is stale); GRAPHOPT_TUNE_HEARTBEAT overrides
+HEARTBEAT_S = float(os.environ.get("GRAPHOPT_TUNE_HEARTBEAT", "5"))
 #: trial states (user attr "status") that do not count towards --trials
 UNCOUNTED = ("interrupted", "surplus")
 
@@ -92,6 +94,8 @@ def _optuna() -> Any:
         raise UsageError("graphopt tune needs Optuna: pip install 'graphopt[tune]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # ask/tell with a heartbeat is what we do on purpose (our thread records it while a trial runs)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     return optuna
 
 
@@ -114,7 +118,8 @@ def _open_study(settings: TuneSettings) -> Any:
     if settings.storage is None and db.exists() and not settings.resume:
         raise UsageError(f"'{settings.output}' already holds a study ({db}); pass --resume to continue it, or another -o")
     settings.output.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(settings.storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=4 * HEARTBEAT_S)
+    storage = optuna.storages.RDBStorage(settings.storage_url, heartbeat_interval=max(1, round(HEARTBEAT_S)),
+                                         grace_period=max(1, round(4 * HEARTBEAT_S)))
     sampler = (optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, constant_liar=True)
                if settings.sampler == "tpe" else optuna.samplers.NSGAIISampler(seed=settings.seed))
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler,
@@ -186,8 +191,13 @@ def run_study(settings: TuneSettings, study: Any, space: Space, host: Any,
     optuna = _optuna()
     deadline = time.monotonic() + settings.time_budget_s if settings.time_budget_s else math.inf
     while time.monotonic() < deadline:
-        if sum(counted(t) for t in study.get_trials(deepcopy=False)) >= settings.trials:
-            break
+        optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        if sum(counted(t) for t in trials) >= settings.trials:
+            if not any(t.state.name == "RUNNING" for t in trials):
+                break
+            time.sleep(HEARTBEAT_S)  # the study is full once the running trials (maybe of a dead process) settle
+            continue
         trial = study.ask()
         others = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and counted(t)]
         if len(others) >= settings.trials:  # another worker filled the study meanwhile
