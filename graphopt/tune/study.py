@@ -179,9 +179,10 @@ def open_study(settings: TuneSettings, host: Any) -> tuple[Any, Space]:
     space = parse_space(settings.search, settings.targets)
     for target in space.targets:
         host.targets.get(target).check_available()
+    base = baseline(settings)  # the eval is loaded and run once before the study exists: a bad --eval leaves nothing
     study = _open_study(settings)
     if "baseline" not in study.user_attrs:
-        study.set_user_attr("baseline", baseline(settings))
+        study.set_user_attr("baseline", base)
     return study, space
 
 
