@@ -68,14 +68,15 @@ def tune(settings: TuneSettings, *, host: Any = None, on_trial: Callable[[dict[s
 
 
 def _compile_best(settings: TuneSettings, best: dict[str, Any]) -> Path:
-    """The best trial compiled again, in this process, as a normal artifact in ``OUT/best/``."""
-    from graphopt.compiler import CompileOptions, compile
+    """The best trial compiled again as a normal artifact in ``OUT/best/``, in a process set up as the trial's was."""
+    from graphopt.errors import GraphoptError
+    from graphopt.tune.study import _job
+    from graphopt.tune.worker import run_in_process
 
     cand = Candidate(best["target"], best["pipeline"], best["options"])
-    base = dict(settings.compile)
-    if base.get("input_shapes"):
-        base["input_shapes"] = [tuple(s) for s in base["input_shapes"]]
     out = settings.output / "best"
-    compile(settings.source, CompileOptions(target=cand.target, pipeline=cand.pipeline, output=out, force=True,
-                                            **base, **cand.options))
+    job = {**_job(settings, cand, settings.output), "output": str(out), "keep": True}
+    outcome = run_in_process(job, settings.output / "trials" / "best", settings.trial_timeout_s)
+    if outcome.get("status") != "complete":
+        raise GraphoptError(f"compiling the best trial #{best['number']} into {out} failed: {outcome.get('error')}")
     return out

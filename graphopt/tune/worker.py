@@ -80,13 +80,15 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
         "macs": report.macs, "size_bytes": report.size_bytes, "latency_ms": report.latency_ms,
         "cosine": metrics.cosine, AGREEMENT: agreement, "warnings": list(report.warnings),
     }
-    if agreement < job.get("prune_below", -1.0):
+    if agreement < job.get("prune_below", -1.0) and not job.get("keep"):
         res.update(status="pruned", error=f"first estimate: top-1 agreement {agreement:.1f}% < {job['prune_below']:.1f}%")
     else:
         ref = job.get("eval")
         res["score"] = call_eval(load_eval(ref), result.artifact, ref) if ref else agreement
         res["status"] = "complete"
     res["seconds"] = time.perf_counter() - start
+    if job.get("keep"):  # OUT/best: the whole artifact stays
+        return res
     for f in out.iterdir():  # keep the trial's report.json; the artifact itself is rebuilt for the best trial only
         if f.name != "report.json":
             shutil.rmtree(f) if f.is_dir() else f.unlink()
