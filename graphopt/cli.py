@@ -147,6 +147,14 @@ def cli(debug: bool) -> None:
 @click.option("--recover-steps", default=0, show_default=True, type=int,
               help="Distillation steps against the original after the passes (before quantization).")
 @click.option("--recover-lr", default=1e-2, show_default=True, type=float, help="Peak learning rate for --recover-steps.")
+@click.option("--recover-every", is_flag=True,
+              help="Recover after every approximate structural pass (iterative pruning: prune, recover, k times).")
+@click.option("--qat-steps", default=0, show_default=True, type=int,
+              help="Quantization-aware fine-tuning steps after insert-quant-stubs (int8 targets).")
+@click.option("--qat-lr", default=1e-4, show_default=True, type=float, help="Peak learning rate for --qat-steps.")
+@click.option("--train-data", metavar="FILE|DIR|PKG:FN",
+              help="Inputs for --recover-steps/--qat-steps (the --calib-data formats; a .npz may add 'labels'). "
+                   "Default: the calibration samples.")
 @click.option("--verify-samples", default=8, show_default=True, type=click.IntRange(min=1), help="Number of verification inputs.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random inputs.")
 @click.option("--weights", type=click.Path(path_type=Path), help="A state_dict file to load into the model a factory builds.")
@@ -159,7 +167,8 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, precisio
                 input_shapes: tuple[str, ...], pipeline: str | None, verify_each: bool,
                 print_ir_after: tuple[str, ...], plugins: tuple[str, ...], calib_data: str | None,
                 calib_samples: int, calib_size: str | None, calib_normalize: str, keep_fp32: tuple[str, ...],
-                recover_steps: int, recover_lr: float, verify_samples: int, seed: int,
+                recover_steps: int, recover_lr: float, recover_every: bool, qat_steps: int, qat_lr: float,
+                train_data: str | None, verify_samples: int, seed: int,
                 weights: Path | None, trust_pickle: bool, no_latency: bool, as_json: bool, quiet: bool,
                 **kw: Any) -> None:
     """Compile SOURCE (zoo:NAME, pkg.module:factory, model.pt2, model.pt) for a target.
@@ -187,7 +196,8 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, precisio
         verify_each=verify_each, data=calib_data, verify_samples=verify_samples, calib_samples=calib_samples,
         calib_size=calib_size, calib_normalize=calib_normalize, keep_fp32=keep_fp32,
         backend_options={k: v for k, v in backend_options.items() if v is not None}, recover_steps=recover_steps,
-        recover_lr=recover_lr, seed=seed, tolerance=_tolerance(target_precision, kw, none_if_default=True), plugins=plugins,
+        recover_lr=recover_lr, recover_every=recover_every, qat_steps=qat_steps, qat_lr=qat_lr, train_data=train_data,
+        seed=seed, tolerance=_tolerance(target_precision, kw, none_if_default=True), plugins=plugins,
         weights=weights, trust_pickle=trust_pickle, print_ir_after=print_ir_after, measure=not no_latency, on_stage=stages,
     )
     rows = None
@@ -211,6 +221,97 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, precisio
         if rows is not None:
             render_candidates(console, rows)
         console.print(f"wrote {out}/" + (f" ({result.report.target}, the fastest verified candidate)" if rows else ""))
+
+
+def _duration(text: str | None) -> float | None:
+    """``20m``, ``90s``, ``1.5h`` or plain seconds -> seconds."""
+    from graphopt.errors import UsageError
+
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    value, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(value) * units[unit]
+    except ValueError:
+        raise UsageError(f"--time-budget '{text}': give a duration such as 20m, 90s or 1.5h") from None
+    if not seconds > 0:
+        raise UsageError(f"--time-budget '{text}' must be > 0")
+    return seconds
+
+
+@cli.command("tune")
+@click.argument("source")
+@click.option("-t", "--target", "targets", required=True, metavar="T[,T...]",
+              help="Target(s); several (comma-separated) make the target a searched dimension.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Study folder: study.db, tune.json, report.html, pareto_*.png, best/.")
+@click.option("--eval", "eval_fn", metavar="PKG.MODULE:FN",
+              help="fn(model) -> float, higher is better (your validation accuracy). Default: top-1 agreement with the original.")
+@click.option("--max-drop", default=1.0, show_default=True, type=float, help="Largest score drop below the original's for 'best'.")
+@click.option("--trials", default=30, show_default=True, type=int, help="Trials the study holds when done (a resume runs the rest).")
+@click.option("--time-budget", metavar="20m", help="Start no trial after this long (s, m or h).")
+@click.option("--search", default="prune,substitute,quant,recover", show_default=True,
+              help="Search space: parts prune, substitute, quant, recover, each with optional {dim=lo..hi|[a,b]|value}.")
+@click.option("--objective", type=click.Choice(["latency", "size", "macs"]), default="macs", show_default=True,
+              help="The cost minimized next to the score.")
+@click.option("--sampler", type=click.Choice(["tpe", "nsga2"]), default="tpe", show_default=True, help="Optuna sampler.")
+@click.option("--resume", is_flag=True, help="Continue the study in OUT (after Ctrl-C or a crash).")
+@click.option("--storage", metavar="URL", help="An Optuna RDB storage URL (PostgreSQL, MySQL, SQLite) shared by several workers.")
+@click.option("--trial-timeout", default=900.0, show_default=True, type=float, help="Seconds before a trial's process is killed.")
+@click.option("--calib-data", metavar="FILE|DIR|PKG:FN", help="Calibration and verification inputs (as for compile).")
+@click.option("--train-data", metavar="FILE|DIR|PKG:FN", help="Recovery/QAT inputs (as for compile; .npz may add 'labels').")
+@click.option("--calib-samples", default=32, show_default=True, type=click.IntRange(min=1), help="Calibration samples.")
+@click.option("--verify-samples", default=64, show_default=True, type=click.IntRange(min=1), help="Verification inputs per trial.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="1x3x224x224", help="Shape of an input; repeat for several.")
+@click.option("--plugin", "plugins", multiple=True, metavar="FILE_OR_MODULE", help="Load passes/targets from a plugin.")
+@click.option("--weights", type=click.Path(path_type=Path), help="A state_dict file to load into the model a factory builds.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampler and of every trial.")
+@click.option("--no-latency", is_flag=True, help="Skip latency measurements (not with --objective latency).")
+def tune_cmd(source: str, targets: str, output: Path, eval_fn: str | None, max_drop: float, trials: int, time_budget: str | None,
+             search: str, objective: str, sampler: str, resume: bool, storage: str | None, trial_timeout: float,
+             calib_data: str | None, train_data: str | None, calib_samples: int, verify_samples: int,
+             input_shapes: tuple[str, ...], plugins: tuple[str, ...], weights: Path | None, seed: int, no_latency: bool) -> None:
+    """Search pipelines and options of SOURCE for the best score/cost trade-off (an Optuna study of compiles)."""
+    from graphopt.errors import UsageError
+    from graphopt.tune import TuneSettings, tune
+
+    if no_latency and objective == "latency":
+        raise UsageError("--no-latency cannot go with --objective latency")
+    shared: dict[str, Any] = {"data": calib_data, "train_data": train_data, "calib_samples": calib_samples,
+                              "verify_samples": verify_samples, "input_shapes": _shapes(input_shapes), "seed": seed,
+                              "plugins": list(plugins), "weights": str(weights) if weights else None, "measure": not no_latency}
+    settings = TuneSettings(source=source, targets=targets.split(","), output=output, search=search, eval=eval_fn,
+                            max_drop=max_drop, trials=trials, time_budget_s=_duration(time_budget), objective=objective,
+                            resume=resume, storage=storage, sampler=sampler, seed=seed, trial_timeout_s=trial_timeout,
+                            compile={k: v for k, v in shared.items() if v not in (None, [])})
+    console = _console()
+    if train_data is None and (calib_data is None):
+        console.print("[bold red]WARNING: no --train-data or --calib-data: recovery and QAT would train on RANDOM data, "
+                      "and int8 would calibrate on it[/]")
+
+    def on_trial(row: dict[str, Any]) -> None:
+        score = f"score {row['score']:.2f}" if "score" in row else row.get("error") or ""
+        console.print(f"trial {row['number']}: {row.get('status')} {score}")
+
+    try:
+        result = tune(settings, on_trial=on_trial)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: {output}/ keeps every finished trial (and its reports); rerun with --resume to go on")
+        raise
+    from graphopt.tune.report import render_table
+
+    summary = result.summary
+    render_table(console, result.rows, objective, summary["baseline"], summary["metric"])
+    if summary["note"]:
+        console.print(f"[bold]{summary['note']}[/]")
+    console.print(f"wrote {output}/tune.json, {output}/report.html and the plots")
+    if result.best is None:
+        console.print(f"no trial stayed within --max-drop {max_drop:g} of the original ({summary['baseline']:.2f})")
+        return
+    console.print(f"best within --max-drop {max_drop:g}: trial #{result.best['number']}, compiled into {result.best_output}/")
+    console.print(f"pipeline: {result.best['pipeline']}")
+    console.print(f"rerun it with: {result.best['command']}")
 
 
 @cli.command("passes")

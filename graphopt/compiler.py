@@ -23,9 +23,18 @@ from typing import Any, TextIO
 import torch
 
 from graphopt.capture import capture
-from graphopt.data import NORMALIZATIONS, CalibrationData, Sample, fresh, is_callable_source
+from graphopt.data import (
+    NORMALIZATIONS,
+    RANDOM_TRAINING_WARNING,
+    CalibrationData,
+    Sample,
+    TrainingData,
+    fresh,
+    is_callable_source,
+    training_data,
+)
 from graphopt.errors import ArtifactError, DataError, GraphoptError, UsageError, VerificationError, choices, first_line
-from graphopt.instruments import QUANT_PASS, PrintIR, Recovery, SnapshotBefore, VerifyEach, run_all
+from graphopt.instruments import QUANT_PASS, PrintIR, QuantAwareTraining, Recovery, SnapshotBefore, VerifyEach, run_all
 from graphopt.output import REPORT, Output
 from graphopt.pipeline import Instrument, PassManager, PassRecord, Pipeline, parse_pipeline
 from graphopt.plugins import PluginHost, default_host
@@ -100,6 +109,7 @@ class SplitData:
     calibration: CalibrationData | None
     samples: list[Sample]  # verification inputs
     overlap_note: str | None = None
+    training: TrainingData | None = None  # --train-data (else recovery/QAT train on the calibration samples)
 
 
 def _split_data(source: str | Path | None, specs: Sequence[Any], opts: CompileOptions, *, needs_calibration: bool) -> SplitData:
@@ -164,6 +174,15 @@ class CompileOptions:
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     recover_steps: int = 0
     recover_lr: float = 1e-2
+    #: recover after every approximate structural pass (iterative pruning), not once before quantization
+    recover_every: bool = False
+    #: quantization-aware fine-tuning steps after insert-quant-stubs (int8 targets)
+    qat_steps: int = 0
+    qat_lr: float = 1e-4
+    #: ``--train-data``: recovery/QAT inputs (the --calib-data formats; ``.npz`` may add ``labels``)
+    train_data: str | Path | None = None
+    #: minibatch size of recovery/QAT on --train-data
+    train_batch: int = 64
     seed: int = 0
     #: replaces the target precision's default tolerance (and is then enforced on approximate rewrites too)
     tolerance: Tolerance | None = None
@@ -206,13 +225,18 @@ class CompileOptions:
     def validate(self) -> None:
         """Check what the options alone decide (the target and pipeline are checked by :meth:`plan`)."""
         for flag, value, least in (("--verify-samples", self.verify_samples, 1), ("--calib-samples", self.calib_samples, 1),
-                                   ("--recover-steps", self.recover_steps, 0)):
+                                   ("--recover-steps", self.recover_steps, 0), ("--qat-steps", self.qat_steps, 0),
+                                   ("--train-batch", self.train_batch, 1)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise UsageError(f"{flag} must be an integer, got {value!r}")
             if value < least:
                 raise UsageError(f"{flag} must be >= {least}, got {value}")
-        if not isinstance(self.recover_lr, (int, float)) or not 0 < self.recover_lr < math.inf:
-            raise UsageError(f"--recover-lr must be > 0, got {self.recover_lr!r}")
+        for flag, lr in (("--recover-lr", self.recover_lr), ("--qat-lr", self.qat_lr)):
+            if not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+                raise UsageError(f"{flag} must be > 0, got {lr!r}")
+        if self.train_data is not None and not Path(self.train_data).exists() and not is_callable_source(str(self.train_data)):
+            raise UsageError(f"--train-data '{self.train_data}' does not exist "
+                             "(give a .npy/.npz file, a folder of images or pkg.module:function)")
         if self.calib_normalize not in NORMALIZATIONS:
             raise UsageError(f"--calib-normalize '{self.calib_normalize}': not one of {choices(NORMALIZATIONS)}")
         if self.data is not None and not Path(self.data).exists() and not is_callable_source(str(self.data)):
@@ -235,6 +259,8 @@ class CompileOptions:
             if name != "all" and name not in pipe.names():
                 raise UsageError(f"--print-ir-after '{name}': not in the pipeline; choose from {choices([*pipe.names(), 'all'])}")
         quant_invs = [inv for inv in pipe if inv.name == QUANT_PASS]
+        if self.qat_steps and not quant_invs:
+            raise UsageError(f"--qat-steps needs a pipeline with '{QUANT_PASS}' (an int8 target); this one is: {pipe}")
         if self.keep_fp32 and not quant_invs:
             raise UsageError(f"--keep-fp32 needs a pipeline with '{QUANT_PASS}' (an int8 target); this one is: {pipe}")
         tolerance = self.tolerance or default_tolerance(spec.precision)
@@ -321,7 +347,11 @@ def _capture(source: Any, opts: CompileOptions, plan: Plan, stage: Callable[...,
                       weights=opts.weights, trust_pickle=opts.trust_pickle)
     original = program.clone()
     stage("loading data")
-    data = _split_data(opts.data, program.input_specs, opts, needs_calibration=plan.quantizes or opts.recover_steps > 0)
+    data = _split_data(opts.data, program.input_specs, opts,
+                       needs_calibration=plan.quantizes or (opts.recover_steps + opts.qat_steps > 0 and opts.train_data is None))
+    if opts.train_data is not None and opts.recover_steps + opts.qat_steps > 0:
+        data.training = training_data(program.input_specs, opts.train_data, image_size=opts.calib_size,
+                                      normalize=opts.calib_normalize)
     references = run_all(original.run_reference, data.samples)
     check_finite(references)  # a NaN from the original is the model's, not a pass's or the lowering's
     return program, original, data, references
@@ -338,7 +368,7 @@ def _shared(opts: CompileOptions, key: tuple[Any, ...], make: Callable[[], Any])
 
 def _input_paths(source: Any, opts: CompileOptions) -> list[Path]:
     """The files a compile reads (source, data, weights, plugins): ``--force`` never replaces a folder holding one."""
-    paths = [Path(p) for p in (source, opts.data, opts.weights, *opts.plugins)
+    paths = [Path(p) for p in (source, opts.data, opts.train_data, opts.weights, *opts.plugins)
              if isinstance(p, (str, Path)) and Path(p).exists()]
     if isinstance(source, str) and is_callable_source(source):
         try:
@@ -355,6 +385,7 @@ class _Passes:
     records: list[PassRecord]
     recovery: Recovery | None
     fp32_reference: Program | None  # the program just before quantization
+    qat: QuantAwareTraining | None = None
 
 
 def _run_passes(program: Program, original: Program, data: SplitData, plan: Plan, opts: CompileOptions,
@@ -364,11 +395,20 @@ def _run_passes(program: Program, original: Program, data: SplitData, plan: Plan
         program.calibration = list(data.calibration.samples)
         program.meta["calibration_progress"] = lambda done, total: stage("calibrating", done, total)
     instruments: list[Instrument] = []
-    recovery = None
+    recovery = qat = None
+    train = data.training
+    samples = train.samples if train is not None else program.calibration
+    batching: dict[str, Any] = {"labels": train.labels, "batch_size": opts.train_batch} if train is not None else {}
     if opts.recover_steps > 0:
-        recovery = Recovery(original.run, program.calibration, opts.recover_steps, opts.recover_lr,
-                            lambda done, total, loss: stage(f"recovering (loss {loss:.4g})", done, total))
+        recovery = Recovery(original.run, samples, opts.recover_steps, opts.recover_lr,
+                            lambda done, total, loss: stage(f"recovering (loss {loss:.4g})", done, total),
+                            every=opts.recover_every, **batching)
         instruments.append(recovery)
+    if opts.qat_steps > 0:
+        qat = QuantAwareTraining(original.run, samples, opts.qat_steps, opts.qat_lr,
+                                 lambda done, total, loss: stage(f"quantization-aware training (loss {loss:.4g})", done, total),
+                                 **batching)
+        instruments.append(qat)
     before_quant = SnapshotBefore(QUANT_PASS)
     if plan.quantizes:
         instruments.append(before_quant)
@@ -381,7 +421,7 @@ def _run_passes(program: Program, original: Program, data: SplitData, plan: Plan
     if recovery is not None:
         recovery.finish(program)
     program.meta.pop("calibration_progress", None)
-    return _Passes(records, recovery, before_quant.program)
+    return _Passes(records, recovery, before_quant.program, qat)
 
 
 def _lower(program: Program, plan: Plan) -> Artifact:
@@ -395,19 +435,21 @@ def _new_report(source: Any, program: Program, plan: Plan, data: SplitData, pass
     report = Report(source=program.meta.get("source", str(source)), target=plan.spec.name, pipeline=str(plan.pipeline),
                     passes=passes.records)
     cal = data.calibration
+    trains = passes.recovery is not None or passes.qat is not None
     if cal is not None:
         report.extra["calibration"] = {"source": cal.source, "samples": len(cal.samples)}
         if cal.warning and plan.quantizes:
             report.warnings.append(cal.warning)
-        elif cal.warning:
-            report.warnings.append(
-                "RECOVERY USED RANDOM DATA: the distillation matched the original on N(0,1) noise, not on real "
-                "inputs; pass --calib-data (a .npy/.npz file, a folder of images or pkg.module:function)"
-            )
+        if cal.warning and trains and data.training is None:
+            report.warnings.append(RANDOM_TRAINING_WARNING)
+    if data.training is not None and trains:
+        report.extra["training_data"] = {"source": data.training.source, "labels": data.training.labels is not None}
     if data.overlap_note:
         report.warnings.append(data.overlap_note)
     if passes.recovery is not None and passes.recovery.result is not None:
-        report.extra["recovery"] = passes.recovery.result.to_json()
+        report.extra["recovery"] = {**passes.recovery.result.to_json(), "rounds": passes.recovery.rounds}
+    if passes.qat is not None and passes.qat.result is not None:
+        report.extra["qat"] = passes.qat.result
     if "quant" in program.meta:
         report.extra["quantization"] = program.meta["quant"].to_json()
     return report

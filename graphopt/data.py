@@ -44,6 +44,9 @@ __all__ = [
     "available_memory",
     "NORMALIZATIONS",
     "RANDOM_CALIBRATION_WARNING",
+    "RANDOM_TRAINING_WARNING",
+    "TrainingData",
+    "training_data",
 ]
 
 Sample = tuple[torch.Tensor, ...]
@@ -364,3 +367,38 @@ def calibration_samples(
     if n > 0:
         samples = samples[:n]
     return CalibrationData(samples, f"{kind} '{text}', {len(samples)} samples")
+
+
+RANDOM_TRAINING_WARNING = (
+    "RECOVERY USED RANDOM DATA: the fine-tuning (--recover-steps/--qat-steps) matched the original on N(0,1) noise, "
+    "not on real inputs; pass --train-data (or --calib-data): a .npy/.npz file, a folder of images or pkg.module:function"
+)
+
+
+@dataclass
+class TrainingData:
+    """``--train-data``: every sample of the source, and one label per sample row when the ``.npz`` has ``labels``."""
+
+    samples: list[Sample]
+    labels: torch.Tensor | None
+    source: str
+
+
+def training_data(specs: Sequence[InputSpec], source: str | Path, *, image_size: str | None = None,
+                  normalize: str = "none") -> TrainingData:
+    """All samples of ``source`` (the ``--calib-data`` formats); labels from an ``.npz`` array ``labels``."""
+    cal = calibration_samples(specs, source=source, n=0, image_size=image_size, normalize=normalize)
+    labels = None
+    path = Path(str(source))
+    if path.suffix.lower() == ".npz" and path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if "labels" in z.files:
+                array = z["labels"]
+                if array.dtype.kind not in "iu" or array.ndim != 1:
+                    raise DataError(f"--train-data '{source}': 'labels' must be a 1-D integer array, got {array.dtype} "
+                                    f"of shape {tuple(array.shape)}")
+                rows = sum(int(s[0].shape[0]) for s in cal.samples)
+                if len(array) != rows:
+                    raise DataError(f"--train-data '{source}': {len(array)} labels for {rows} sample rows")
+                labels = torch.from_numpy(array.astype(np.int64))
+    return TrainingData(cal.samples, labels, cal.source.replace(" samples", " samples for training"))

@@ -8,20 +8,30 @@ means something. Nothing is downloaded.
 - :func:`train_digits_cnn`: the zoo digits CNN trained with Adam on that split;
 - :func:`accuracy`: top-1 accuracy in percent;
 - :func:`digits`: the training images as a calibration source
-  (``--calib-data graphopt.datasets:digits``).
+  (``--calib-data graphopt.datasets:digits``);
+- :func:`digits_cnn`: a model source (``graphopt.datasets:digits_cnn``): the digits CNN
+  trained on the training split (seed 0; cached on disk, weights only);
+- :func:`digits_accuracy`: ``fn(model) -> float``, test-split accuracy of any callable
+  (``graphopt tune --eval graphopt.datasets:digits_accuracy``);
+- :func:`write_digits_npz`: the training split as ``.npz`` with ``x`` and ``labels``
+  (``--train-data``).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from graphopt.errors import DataError
 
-__all__ = ["digits_split", "train_digits_cnn", "accuracy", "digits"]
+__all__ = ["digits_split", "train_digits_cnn", "accuracy", "digits", "digits_cnn", "digits_accuracy", "write_digits_npz"]
 
 
 def digits_split(seed: int = 0, test_size: float = 0.3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,3 +80,58 @@ def accuracy(fn: Callable[..., Any], x: torch.Tensor, y: torch.Tensor, batch: in
 def digits() -> list[torch.Tensor]:
     """The training split's images: a calibration source for ``digits_cnn`` (``graphopt.datasets:digits``)."""
     return [digits_split()[0]]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("GRAPHOPT_CACHE") or Path.home() / ".cache" / "graphopt")
+
+
+def digits_cnn() -> nn.Module:
+    """The zoo digits CNN trained 10 epochs on the training split (seed 0), in eval mode.
+
+    Training takes seconds; the weights are cached (``$GRAPHOPT_CACHE``, else
+    ``~/.cache/graphopt``) and read back weights-only, so every tune trial starts from the
+    same model without training it again.
+    """
+    from graphopt import zoo
+
+    path = _cache_dir() / f"digits_cnn-seed0-torch{torch.__version__.split('+')[0]}.pt"
+    model = zoo.build("digits_cnn", seed=0).eval()
+    model.example_input_shape = (1, 1, 8, 8)
+    if path.exists():
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model
+        except Exception:  # noqa: BLE001 - a damaged cache file: train again and replace it
+            pass
+    x, y, _, _ = digits_split()
+    model = train_digits_cnn(x, y, seed=0, epochs=10)
+    model.example_input_shape = (1, 1, 8, 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    return model
+
+
+def digits_accuracy(model: Callable[..., Any]) -> float:
+    """Top-1 accuracy (percent) on the held-out test split of any callable: a module, a Program, an artifact.
+
+    The example's ``--eval`` function. Models traced with batch 1 and artifacts with fixed
+    shapes are run one image at a time when a whole batch does not fit them.
+    """
+    _, _, x, y = digits_split()
+    fn = getattr(model, "run", model)
+    try:
+        return accuracy(fn, x, y)
+    except Exception:  # noqa: BLE001 - a fixed-batch artifact
+        return accuracy(fn, x, y, batch=1)
+
+
+def write_digits_npz(path: str | Path) -> Path:
+    """The training split as ``.npz``: ``x`` ``[N, 1, 8, 8]`` float32 and ``labels`` ``[N]`` (``--train-data``)."""
+    x, y, _, _ = digits_split()
+    path = Path(path)
+    np.savez(path, x=x.numpy(), labels=y.numpy())
+    return path

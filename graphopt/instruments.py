@@ -1,8 +1,8 @@
 """The compiler's pass-manager instruments (hooks ``before_pass`` / ``after_pass``).
 
 ``VerifyEach`` holds every pass to its contract, ``PrintIR`` dumps graphs, ``Recovery``
-runs the distillation fine-tune before quantization and ``SnapshotBefore`` keeps the
-program as it was before a named pass. Users add their own through
+runs the distillation fine-tune before quantization, ``QuantAwareTraining`` the QAT after
+it, and ``SnapshotBefore`` keeps the program as it was before a named pass. Users add their own through
 ``CompileOptions.instruments``.
 """
 
@@ -18,7 +18,7 @@ from graphopt.pipeline import PassInvocation, PassRecord
 from graphopt.program import Program
 from graphopt.verify import Tolerance, compare
 
-__all__ = ["QUANT_PASS", "VerifyEach", "PrintIR", "Recovery", "SnapshotBefore", "run_all"]
+__all__ = ["QUANT_PASS", "VerifyEach", "PrintIR", "Recovery", "QuantAwareTraining", "SnapshotBefore", "run_all"]
 
 #: the pass that turns a program into simulated int8 (recovery runs before it; its input is the fp32 reference)
 QUANT_PASS = "insert-quant-stubs"
@@ -69,29 +69,59 @@ class PrintIR:
 
 
 class Recovery:
-    """Instrument: the distillation fine-tune (``--recover-steps``), run once, before quantization.
+    """Instrument: the distillation fine-tune (``--recover-steps``), before quantization.
 
-    It runs just before ``insert-quant-stubs`` when the pipeline has it, else after the
-    last pass (:meth:`finish`), so int8 calibration always sees the recovered weights.
+    It runs once, just before ``insert-quant-stubs`` when the pipeline has it, else after
+    the last pass (:meth:`finish`), so int8 calibration always sees the recovered weights.
+    With ``every`` (iterative pruning: ``--recover-every``) it runs after each approximate
+    structural pass that changed the program instead (prune → recover, k times).
+    ``labels``/``batch_size`` come from ``--train-data``.
     """
 
     def __init__(self, teacher: Callable[..., Any], samples: Sequence[Sample], steps: int, lr: float,
-                 progress: Callable[[int, int, float], None] | None = None) -> None:
+                 progress: Callable[[int, int, float], None] | None = None, *, every: bool = False,
+                 labels: Any = None, batch_size: int | None = None) -> None:
         self.teacher, self.samples, self.steps, self.lr, self.progress = teacher, list(samples), steps, lr, progress
+        self.every, self.labels, self.batch_size = every, labels, batch_size
         self.result: Any = None
+        self.rounds = 0
 
     def _run(self, program: Program) -> None:
         from graphopt.recover import recover
 
-        if self.result is None:
-            self.result = recover(program, self.teacher, self.samples, steps=self.steps, lr=self.lr, progress=self.progress)
+        self.result = recover(program, self.teacher, self.samples, steps=self.steps, lr=self.lr, progress=self.progress,
+                              labels=self.labels, batch_size=self.batch_size)
+        self.rounds += 1
 
     def before_pass(self, inv: PassInvocation, program: Program) -> None:
-        if inv.name == QUANT_PASS:
+        if inv.name == QUANT_PASS and self.result is None:
+            self._run(program)
+
+    def after_pass(self, inv: PassInvocation, program: Program, record: PassRecord) -> None:
+        if self.every and record.changed and inv.spec.contract == "approximate" and inv.name != QUANT_PASS:
             self._run(program)
 
     def finish(self, program: Program) -> None:
-        self._run(program)
+        if self.result is None:
+            self._run(program)
+
+
+class QuantAwareTraining:
+    """Instrument: ``--qat-steps`` of quantization-aware fine-tuning right after ``insert-quant-stubs``."""
+
+    def __init__(self, teacher: Callable[..., Any], samples: Sequence[Sample], steps: int, lr: float,
+                 progress: Callable[[int, int, float], None] | None = None, *, labels: Any = None,
+                 batch_size: int | None = None) -> None:
+        self.teacher, self.samples, self.steps, self.lr, self.progress = teacher, list(samples), steps, lr, progress
+        self.labels, self.batch_size = labels, batch_size
+        self.result: dict[str, Any] | None = None
+
+    def after_pass(self, inv: PassInvocation, program: Program, record: PassRecord) -> None:
+        from graphopt.quant.qat import qat
+
+        if inv.name == QUANT_PASS:
+            self.result = qat(program, self.teacher, self.samples, steps=self.steps, lr=self.lr, labels=self.labels,
+                              batch_size=self.batch_size, progress=self.progress)
 
 
 class SnapshotBefore:

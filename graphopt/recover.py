@@ -34,7 +34,11 @@ What :func:`recover` does, precisely:
   of every step, or the mean of consecutive windows of steps when there are more than
   :data:`CURVE_POINTS` steps.
 
-Recovery runs before quantization: a Program that carries ``meta['quant']`` is refused.
+Recovery runs before quantization: a Program that carries ``meta['quant']`` is refused
+(quantization-aware training, :mod:`graphopt.quant.qat`, runs this same loop on the
+simulated-int8 program with ``quantized=True``). With ``labels`` (one per sample row,
+``batch_size`` required) the training loss adds the cross-entropy of the first 2-D output
+against them; ``first_loss``/``last_loss`` stay the distillation loss.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ def distillation_loss(
 
 
 def _check_options(student: Program, steps: int, lr: float, temperature: float, feature_weight: float,
-                   batch_size: int | None, weight_decay: float) -> None:
+                   batch_size: int | None, weight_decay: float, quantized: bool = False) -> None:
     if not isinstance(student, Program):
         raise UsageError(f"recover: the student must be a graphopt Program, got {type(student).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -124,7 +128,7 @@ def _check_options(student: Program, steps: int, lr: float, temperature: float, 
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise UsageError(f"recover: batch_size must be an integer >= 1 (or None), got {batch_size!r}")
     quant = [n for n, m in student.graph_module.named_modules() if type(m).__name__ in _QUANT_MODULES]
-    if "quant" in student.meta or quant:
+    if ("quant" in student.meta or quant) and not quantized:
         raise UsageError(
             "recover: the program is already quantized (insert-quant-stubs ran); "
             "recovery fine-tunes float weights and must run before quantization"
@@ -183,8 +187,9 @@ class _Batches:
     """Yields (inputs, teacher outputs) per step: the samples in turn, or seeded minibatches."""
 
     def __init__(self, samples: list[tuple[Tensor, ...]], targets: list[list[Tensor]], batch_size: int | None,
-                 seed: int, device: torch.device) -> None:
+                 seed: int, device: torch.device, labels: Tensor | None = None) -> None:
         self.batch_size = batch_size
+        self.labels = labels.to(device) if labels is not None else None
         self.generator = torch.Generator().manual_seed(seed)
         if batch_size is None:
             self.samples = [tuple(t.to(device) for t in s) for s in samples]
@@ -199,21 +204,24 @@ class _Batches:
             self.count = self.inputs[0].shape[0]
             if any(t.shape[0] != self.count for t in self.outputs):
                 raise DataError("recover: batch_size needs outputs whose first dimension is the batch")
+            if self.labels is not None and self.labels.shape[0] != self.count:
+                raise DataError(f"recover: {self.labels.shape[0]} labels for {self.count} sample rows")
         self.position = 0
         self.order: Tensor | None = None
 
-    def next(self) -> tuple[tuple[Tensor, ...], list[Tensor]]:
+    def next(self) -> tuple[tuple[Tensor, ...], list[Tensor], Tensor | None]:
         if self.batch_size is None:
             i = self.position % self.count
             self.position += 1
-            return self.samples[i], self.targets[i]
+            return self.samples[i], self.targets[i], None
         size = min(self.batch_size, self.count)
         if self.order is None or self.position + size > self.count:
             self.order = torch.randperm(self.count, generator=self.generator)
             self.position = 0
         idx = self.order[self.position : self.position + size]
         self.position += size
-        return tuple(t[idx] for t in self.inputs), [t[idx] for t in self.outputs]
+        labels = self.labels[idx] if self.labels is not None else None
+        return tuple(t[idx] for t in self.inputs), [t[idx] for t in self.outputs], labels
 
     def all(self, chunk: int) -> list[tuple[tuple[Tensor, ...], list[Tensor]]]:
         """Every sample once (for the before/after loss), in chunks."""
@@ -226,6 +234,15 @@ class _Batches:
 
 
 # --------------------------------------------------------------------------- recover
+
+
+def _step_loss(outs: list[Tensor], target: list[Tensor], labels: Tensor | None, temperature: float,
+               feature_weight: float) -> Tensor:
+    loss = distillation_loss(outs, target, temperature, feature_weight)
+    if labels is not None:
+        logits = next(o for o in outs if o.is_floating_point() and o.dim() == 2)
+        loss = loss + F.cross_entropy(logits, labels.long())
+    return loss
 
 
 def _full_loss(gm: nn.Module, batches: _Batches, temperature: float, feature_weight: float) -> float:
@@ -253,19 +270,27 @@ def recover(
     weight_decay: float = 1e-4,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
+    labels: Tensor | None = None,
+    quantized: bool = False,
+    before_step: Callable[[int], None] | None = None,
+    meta_key: str = META_KEY,
 ) -> RecoveryResult:
     """Distill ``teacher`` into ``student`` for ``steps`` optimizer steps, in place.
 
     ``teacher`` is the original model (an ``nn.Module``, a Program, or any callable
     taking the sample tensors); ``samples`` are input tuples (calibration batches).
-    ``progress(done, total, loss)`` is called after every step.
+    ``progress(done, total, loss)`` is called after every step, ``before_step(step)``
+    before it (QAT freezes its observers there). ``labels``: one class index per sample
+    row (needs ``batch_size``). ``quantized``: accept a simulated-int8 student (QAT).
 
     Raises :class:`~graphopt.errors.UsageError` for bad options, a quantized student,
     or outputs that differ from the teacher's in number or shape, and
     :class:`~graphopt.errors.DataError` for missing or unusable samples. If the loss
     stops being finite the student's weights are restored and a UsageError names ``lr``.
     """
-    _check_options(student, steps, lr, temperature, feature_weight, batch_size, weight_decay)
+    _check_options(student, steps, lr, temperature, feature_weight, batch_size, weight_decay, quantized)
+    if labels is not None and batch_size is None:
+        raise UsageError("recover: labels need a batch_size (they are matched to sample rows)")
     gm = student.graph_module
     n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     data = _check_samples(samples, n_inputs)
@@ -288,7 +313,7 @@ def recover(
     if not any(s.is_floating_point() for s in first):
         raise UsageError("recover: the program has no floating-point output to distill")
 
-    batches = _Batches(data, targets, batch_size, seed, device)
+    batches = _Batches(data, targets, batch_size, seed, device, labels)
     first_loss = _full_loss(gm, batches, temperature, feature_weight)
     curve: list[float] = []
     stride = max(1, math.ceil(steps / CURVE_POINTS))
@@ -307,8 +332,10 @@ def recover(
                 p.requires_grad_(True)
             with torch.enable_grad():
                 for step in range(1, steps + 1):
-                    inputs, target = batches.next()
-                    loss = distillation_loss(flatten_outputs(gm(*inputs)), target, temperature, feature_weight)
+                    if before_step is not None:
+                        before_step(step)
+                    inputs, target, step_labels = batches.next()
+                    loss = _step_loss(flatten_outputs(gm(*inputs)), target, step_labels, temperature, feature_weight)
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         gm.load_state_dict(backup)
@@ -346,5 +373,5 @@ def recover(
         feature_weight=float(feature_weight),
         curve_stride=stride,
     )
-    student.meta[META_KEY] = result.to_json()
+    student.meta[meta_key] = result.to_json()
     return result
