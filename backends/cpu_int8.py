@@ -30,12 +30,16 @@ torch.ao users freeze theirs. No TorchScript file is stored or read: the code co
 the code fx generates from the allow-listed graph. The frozen module calls the very
 kernels, with the very packed weights, the fx graph calls, so it computes the same bits
 (``tests/backends/test_cpu_int8.py`` holds the frozen artifact to the simulation).
-``optimize_numerics`` stays off: its folds would change fp32 islands.
-Measured side by side in one process (ResNet-18 at 224x224, batch 1, 2 threads, this
-shared 2-core AVX512-VNNI EPYC, min of interleaved rounds): FX_TIMES.
-``torch.jit.optimize_for_inference`` measured no faster and converts fp32 convolutions to
-MKLDNN (other numerics): not used. It runs on ``--threads`` intra-op threads
-(:mod:`graphopt.threads`), the process's own setting restored after each run.
+``optimize_numerics`` stays off: its folds (an fp32 conv's following add/mul into its
+weights) may move fp32 islands' numbers; with it on the zoo still matched, but nothing promises it.
+Measured side by side in one process (224x224, batch 1, 2 threads, 8 interleaved rounds
+of 15 runs, on a shared 2-core AVX512-VNNI EPYC at load 12-14, so fastest runs, medians
+being noise): ResNet-18 fx 18.19 ms, frozen 17.66, torch.ao FX x86 + trace + freeze 17.71
+(1.00x); MobileNetV2 fx 17.02, frozen 2.73, torch.ao 3.01 (0.91x); medians 1.54x -> 1.09x
+of torch.ao. ``torch.jit.optimize_for_inference`` was within noise of it (2.48 / 17.68 ms)
+and turns fp32 convolutions (fp32 islands) into MKLDNN ones, other numerics: not used.
+It runs on ``--threads`` intra-op threads (:mod:`graphopt.threads`), the process's own
+setting restored after each run.
 """
 
 from __future__ import annotations
