@@ -227,7 +227,7 @@ class CompileOptions:
         if "threads" in self.backend_options:
             raise UsageError("threads is no backend option: give it as threads=N (--threads N), for every CPU target")
         if self.threads is not None:
-            check_threads(self.threads, "--threads")
+            self.threads = check_threads(self.threads, "--threads")
 
     def plan(self, host: PluginHost) -> Plan:
         """The target, its parsed pipeline, tolerance and backend options: checked against each other."""
