@@ -27,7 +27,8 @@ Runs without per-op Python dispatch: on its first run the artifact compiles the 
 (rebuilt from the allow-listed ``graph.json``, or fresh from the lowering) with
 ``torch.jit.script`` and ``torch.jit.freeze(optimize_numerics=False)`` (:func:`freeze`), as
 torch.ao users freeze theirs. No TorchScript file is stored or read: the code compiled is
-the code fx generates from the allow-listed graph. The frozen module calls the very
+the code fx generates from the allow-listed graph (less the input-rank checks the quantized
+modules script before each kernel: :func:`_drop_input_checks`). The frozen module calls the very
 kernels, with the very packed weights, the fx graph calls, so it computes the same bits
 (``tests/backends/test_cpu_int8.py`` holds the frozen artifact to the simulation).
 ``optimize_numerics`` stays off: its folds (an fp32 conv's following add/mul into its
@@ -456,9 +457,24 @@ def freeze(gm: GraphModule, engine: str) -> torch.jit.ScriptModule | GraphModule
     try:
         with engine_scope(engine), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The TorchScript type system")  # fx's instance annotations
-            return torch.jit.freeze(torch.jit.script(gm.eval()), optimize_numerics=False)
+            frozen = torch.jit.freeze(torch.jit.script(gm.eval()), optimize_numerics=False)
     except Exception:  # noqa: BLE001 - an op TorchScript lacks: the fx graph runs it, op by op in Python
         return gm
+    _drop_input_checks(frozen.graph)
+    return frozen
+
+
+def _drop_input_checks(graph: torch._C.Graph) -> None:
+    """Remove the ``if len(input.shape) != 4: raise`` checks the quantized modules' forwards script
+    (size, len, compare, branch before every kernel; a traced torch.ao module has none): the
+    kernels still refuse an input of the wrong rank, and no value changes."""
+    for node in list(graph.nodes()):
+        if node.kind() != "prim::If" or node.outputsSize():
+            continue
+        ends = [[n.kind() for n in block.nodes()][-1:] for block in node.blocks()]
+        if ["prim::RaiseException"] in ends and all(e in ([], ["prim::RaiseException"]) for e in ends):
+            node.destroy()
+    torch._C._jit_pass_dce(graph)
 
 
 class QuantizedArtifact(Artifact):
