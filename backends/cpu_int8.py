@@ -39,8 +39,8 @@ being noise): ResNet-18 fx 18.19 ms, frozen 17.66, torch.ao FX x86 + trace + fre
 (1.00x); MobileNetV2 fx 17.02, frozen 2.73, torch.ao 3.01 (0.91x); medians 1.54x -> 1.09x
 of torch.ao (a rerun at load 10: ResNet-18 frozen 13.05 vs torch.ao 12.97 ms, 1.01x; medians
 noise). For ResNet-18 the frozen graph holds exactly torch.ao's kernel calls (20 quantized
-convs, 8 add_relu, 1 linear, one quantize/dequantize, no other op); but at 64x64, 1 thread
-it ran 1.47 ms vs torch.ao's 1.00 (fastest runs): cause not found (packing/qparams?), open.
+convs, 8 add_relu, 1 linear, one quantize/dequantize, no other op); at 64x64 on 1 thread,
+where per-op overhead shows most: 1.008 ms vs torch.ao's 0.991 (fastest of 200 runs, 1.02x).
 ``torch.jit.optimize_for_inference`` was within noise of it (2.48 / 17.68 ms)
 and turns fp32 convolutions (fp32 islands) into MKLDNN ones, other numerics: not used.
 It runs on ``--threads`` intra-op threads (:mod:`graphopt.threads`), the process's own
