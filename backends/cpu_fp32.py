@@ -2,7 +2,8 @@
 
 Saved as a ``torch.export`` archive (``model.pt2``): a graph of ATen ops plus raw tensors.
 It is read back through :func:`graphopt.capture.safe_pt2.load_pt2`, which refuses an archive
-that would make ``torch.export.load`` unpickle objects or run code.
+that would make ``torch.export.load`` unpickle objects or run code. It runs on ``--threads``
+intra-op threads (:mod:`graphopt.threads`), the process's own setting restored after each run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from graphopt.capture.safe_pt2 import load_pt2, module_of
 from graphopt.errors import ArtifactError
 from graphopt.program import InputSpec, Program
 from graphopt.targets import Artifact, TargetSpec, manifest_inputs, register_target
+from graphopt.threads import manifest_threads, program_threads, torch_threads
 
 MODEL_FILE = "model.pt2"
 
@@ -24,15 +26,16 @@ class ExportedArtifact(Artifact):
     """An fx program (in memory) or its torch.export archive (loaded)."""
 
     def __init__(self, module: torch.nn.Module, target: TargetSpec, input_specs: list[InputSpec],
-                 exported: torch.export.ExportedProgram | None = None) -> None:
+                 exported: torch.export.ExportedProgram | None = None, threads: int | None = None) -> None:
         self.module = module
         self.exported = exported
         self.target = target.name
         self.precision = target.precision
         self.input_specs = input_specs
+        self.threads = threads
 
     def run(self, *inputs: torch.Tensor) -> Any:
-        with torch.inference_mode():
+        with torch_threads(self.threads), torch.inference_mode():
             return self.module(*inputs)
 
     def save_files(self, directory: Path) -> dict[str, Any]:
@@ -47,6 +50,7 @@ class ExportedArtifact(Artifact):
 
 class TorchEagerBackend:
     name = "torch-eager"
+    cpu_threads = True
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -54,7 +58,7 @@ class TorchEagerBackend:
     def lower(self, program: Program, target: TargetSpec) -> Artifact:
         gm = program.graph_module
         gm.eval()
-        return ExportedArtifact(gm, target, program.input_specs)
+        return ExportedArtifact(gm, target, program.input_specs, threads=program_threads(program))
 
     def load(self, directory: Path, manifest: dict[str, Any], target: TargetSpec) -> Artifact:
         path = directory / MODEL_FILE
@@ -62,7 +66,7 @@ class TorchEagerBackend:
             raise ArtifactError(f"artifact '{directory}' is missing {MODEL_FILE}")
         exported = load_pt2(path, f"'{path}'", ArtifactError)
         specs = manifest_inputs(manifest)
-        return ExportedArtifact(module_of(exported), target, specs, exported)
+        return ExportedArtifact(module_of(exported), target, specs, exported, manifest_threads(manifest))
 
 
 BACKEND = TorchEagerBackend()

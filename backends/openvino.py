@@ -31,7 +31,7 @@ reports the end-to-end error against the simulated program in output steps
 ResNet-18 at 64x64, 9 on MobileNetV2 at 48x48) and holds the outputs to the int8 tolerance against the original.
 
 Every target compiles with ``PERFORMANCE_HINT=LATENCY`` and ``INFERENCE_NUM_THREADS`` from
-the ``threads`` backend option (default: this machine's cores). The artifact is the
+``--threads`` (:mod:`graphopt.threads`; default: the cores this process may use). The artifact is the
 OpenVINO IR (``model.xml`` + ``model.bin``, written by ``ov.save_model`` without fp16
 compression): no pickles; it reloads without the original or ONNX.
 """
@@ -48,10 +48,11 @@ from torch.fx import GraphModule
 
 from graphopt.backends._onnx_export import export_fp32
 from graphopt.backends._onnx_qdq import OPENVINO, export_int8
-from graphopt.backends.ort import ProbedArtifact, _missing, default_threads, probe_graph, read_io_specs, threads_option
+from graphopt.backends.ort import ProbedArtifact, _missing, probe_graph, read_io_specs
 from graphopt.errors import ArtifactError, UsageError, first_line
 from graphopt.program import InputSpec, Program
-from graphopt.targets import Artifact, BackendOption, TargetSpec, register_target
+from graphopt.targets import Artifact, TargetSpec, register_target
+from graphopt.threads import default_threads, manifest_threads, program_threads
 
 __all__ = ["MODEL_FILE", "WEIGHTS_FILE", "OvArtifact", "OvBackend", "ov_fp32", "ov_bf16", "ov_int8", "cpu_flags"]
 
@@ -212,7 +213,7 @@ class OvArtifact(ProbedArtifact):
 
 class OvBackend:
     name = "openvino"
-    options = (BackendOption("threads", "OpenVINO INFERENCE_NUM_THREADS [default: one per core]", type=int),)
+    cpu_threads = True  # INFERENCE_NUM_THREADS from --threads (graphopt.threads)
 
     def __init__(self, precision: str) -> None:
         self.precision = precision
@@ -222,7 +223,7 @@ class OvBackend:
         return _missing(self._needs, "openvino") or (_bf16_missing() if self.precision == "bf16" else None)
 
     def lower(self, program: Program, target: TargetSpec) -> Artifact:
-        threads = threads_option(program, target.name)
+        threads = program_threads(program)
         if self.precision == "int8":
             data, fields, spec = export_int8(program, OPENVINO, target.name)
         else:
@@ -245,10 +246,11 @@ class OvBackend:
         names = [next(iter(sorted(i.get_names())), "") for i in model.inputs]
         if names != [s.name for s in specs]:
             raise ArtifactError(f"'{path}' has inputs {names}, but its manifest names {[s.name for s in specs]}")
-        skip = {"format", "target", "precision", "inputs", "backend", "files", "output_structure", "openvino", "config"}
+        skip = {"format", "target", "precision", "inputs", "backend", "files", "output_structure", "openvino", "config",
+                "threads"}
         fields = {k: v for k, v in manifest.items() if k not in skip}
         try:
-            return OvArtifact(model, target.name, self.precision, specs, output_spec, fields)
+            return OvArtifact(model, target.name, self.precision, specs, output_spec, fields, manifest_threads(manifest))
         except Exception as exc:
             raise ArtifactError(f"OpenVINO cannot compile '{path}': {first_line(exc)}") from None
 

@@ -2,7 +2,7 @@
 
 **ort-fp32** exports the optimized fx program (:mod:`graphopt.backends._onnx_export`),
 checks it with ``onnx.checker`` and runs it in an ``InferenceSession`` (``ORT_ENABLE_ALL``,
-one intra-op thread per core, ``CPUExecutionProvider``).
+``--threads`` intra-op threads, ``CPUExecutionProvider``).
 
 **ort-int8** exports the *simulated int8* program (``insert-quant-stubs``) with the one
 Q/DQ exporter (:mod:`graphopt.backends._onnx_qdq`) under ONNX Runtime's placement policy
@@ -22,15 +22,14 @@ manifest's ``not_bit_exact`` lists the ops that are not.
 Both targets save ``model.onnx`` (+ ``artifact.json``); ``run(*inputs)`` returns torch
 tensors in the structure the original model returns (recorded as a pytree spec).
 
-Backend options (``program.meta['backend_options']``): ``threads`` (intra-op threads;
-default: this machine's cores).
+No backend options. ONNX Runtime's intra-op threads are ``--threads`` (:mod:`graphopt.threads`:
+the session option ``intra_op_num_threads``, recorded in the manifest).
 """
 
 from __future__ import annotations
 
 import importlib
 import operator
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,8 @@ from graphopt.quant import (
     pool_window,
     quantizer_of,
 )
-from graphopt.targets import Artifact, BackendOption, TargetSpec, manifest_inputs, register_target
+from graphopt.targets import Artifact, TargetSpec, manifest_inputs, register_target
+from graphopt.threads import default_threads, manifest_threads, program_threads
 
 __all__ = [
     "OPSET",
@@ -79,10 +79,10 @@ __all__ = [
     "ProbedArtifact",
     "ort_fp32",
     "ort_int8",
+    "default_threads",
 ]
 
 MODEL_FILE = "model.onnx"
-BACKEND_OPTIONS = ("threads",)
 # ---------------------------------------------------------------------------------------
 # Availability (imports are lazy: this module loads without onnx/onnxruntime)
 
@@ -100,35 +100,12 @@ def _missing(modules: tuple[str, ...], extra: str = "onnx") -> str | None:
     return None
 
 
-def threads_option(program: Program, what: str) -> int | None:
-    """The ``threads`` backend option of ``program`` (None: not given), checked; ``what``: the target, for messages."""
-    options = program.meta.get("backend_options") or {}
-    unknown = {k for k, v in options.items() if v is not None} - set(BACKEND_OPTIONS)
-    if unknown:
-        raise UsageError(f"{what}: unknown backend option(s) {choices(unknown)}; valid: {choices(BACKEND_OPTIONS)}")
-    threads = options.get("threads")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise UsageError(f"{what}: backend option 'threads' must be a positive integer, got {threads!r}")
-    return threads
-
-
 def read_io_specs(manifest: dict[str, Any], directory: Path, target: TargetSpec) -> tuple[list[InputSpec], pytree.TreeSpec]:
     """(input specs, output structure) of a checked manifest; ArtifactError naming it if malformed."""
     try:
         return manifest_inputs(manifest), pytree.treespec_loads(manifest["output_structure"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"'{directory / 'artifact.json'}' is malformed for {target.name}: {type(exc).__name__}: {exc}") from None
-
-
-def default_threads() -> int:
-    """This machine's cores (those this process may run on, where the OS says)."""
-    count = getattr(os, "process_cpu_count", None)
-    if count is not None and count():
-        return int(count())
-    try:
-        return len(os.sched_getaffinity(0)) or (os.cpu_count() or 1)
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -517,7 +494,7 @@ class OrtArtifact(ProbedArtifact):
 
 class OrtBackend:
     name = "onnxruntime"
-    options = (BackendOption("threads", "ONNX Runtime intra-op threads [default: one per core]", type=int),)
+    cpu_threads = True
 
     def __init__(self, precision: str) -> None:
         self.precision = precision
@@ -527,7 +504,12 @@ class OrtBackend:
         return _missing(self._needs)
 
     def lower(self, program: Program, target: TargetSpec) -> Artifact:
-        threads = threads_option(program, target.name)
+        options = program.meta.get("backend_options") or {}
+        unknown = {k for k, v in options.items() if v is not None}
+        if unknown:
+            raise UsageError(f"ort-{self.precision}: unknown backend option(s) {choices(unknown)}; it takes none "
+                             "(threads: --threads)")
+        threads = program_threads(program)
         if self.precision == "int8":
             data, fields, spec = export_int8(program, ONNXRUNTIME, target.name)
             # s8 activations keep a ReLU before their symmetric quantizers, which ONNX Runtime
@@ -543,7 +525,7 @@ class OrtBackend:
 
 
 #: Manifest keys that are not the artifact's own fields (``OrtArtifact.fields``).
-MANIFEST_KEYS = frozenset({"format", "target", "precision", "inputs", "backend", "files", "output_structure", "onnxruntime"})
+MANIFEST_KEYS = frozenset({"format", "target", "precision", "inputs", "backend", "files", "output_structure", "onnxruntime", "threads"})
 
 
 def load_onnx_artifact(cls: type[OrtArtifact], directory: Path, manifest: dict[str, Any], target: TargetSpec,
@@ -562,7 +544,7 @@ def load_onnx_artifact(cls: type[OrtArtifact], directory: Path, manifest: dict[s
     specs, output_spec = read_io_specs(manifest, directory, target)
     fields = {k: v for k, v in manifest.items() if k not in skip}
     try:
-        art = cls(data, target, precision, specs, output_spec, fields)
+        art = cls(data, target, precision, specs, output_spec, fields, manifest_threads(manifest))
     except Exception as exc:
         raise ArtifactError(f"ONNX Runtime cannot load '{path}': {first_line(exc)}") from None
     if art.input_names != [s.name for s in specs]:

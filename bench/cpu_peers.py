@@ -61,7 +61,6 @@ def graphopt_variants(name: str, shape: tuple[int, ...], calib: int, threads: in
     from graphopt.autotarget import compile_best
     from graphopt.compiler import CompileOptions, host_with
     from graphopt.errors import GraphoptError
-    from graphopt.targets import options_of
 
     host = host_with()
     shared: dict[Any, Any] = {}
@@ -69,10 +68,9 @@ def graphopt_variants(name: str, shape: tuple[int, ...], calib: int, threads: in
     skipped: dict[str, str] = {}
     for target in (*SINGLE_TARGETS, "ort-fp32"):
         spec = host.targets.get(target)
-        opts = {"threads": threads} if any(o.name == "threads" for o in options_of(spec.backend)) else {}
         try:
             result = graphopt.compile(f"zoo:{name}", target=target, input_shapes=[shape], output=directory / target,
-                                      calib_samples=calib, verify_samples=2, measure=False, backend_options=opts,
+                                      calib_samples=calib, verify_samples=2, measure=False, threads=threads,
                                       shared=shared if spec.precision == "int8" else None)
         except GraphoptError as exc:
             skipped[target] = f"{exc.kind}: {exc}"
@@ -80,7 +78,7 @@ def graphopt_variants(name: str, shape: tuple[int, ...], calib: int, threads: in
         if target != "ort-fp32":
             variants[target] = result.artifact.run
     options = CompileOptions(target="cpu", input_shapes=[shape], output=directory / "best", calib_samples=calib,
-                             verify_samples=2, backend_options={"threads": threads})
+                             verify_samples=2, threads=threads)
     best, rows = compile_best(f"zoo:{name}", options, "int8")
     variants[BEST] = best.artifact.run
     skipped["--target cpu candidates"] = " ".join(f"{r.target}={r.status}" + (f"({r.latency_ms:.2f})" if r.latency_ms else "") for r in rows)

@@ -144,6 +144,9 @@ def cli(debug: bool) -> None:
 @click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="NAMES|auto",
               help="Layers (module path or node name, comma-separated) to keep in fp32 in an int8 target; "
                    "'auto' keeps the most sensitive ones until the tolerance is met.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Intra-op threads the artifact runs with, for every target that runs on the CPU; recorded in the "
+                   "manifest [default: the cores this process may use]")
 @click.option("--recover-steps", default=0, show_default=True, type=int,
               help="Distillation steps against the original after the passes (before quantization).")
 @click.option("--recover-lr", default=1e-2, show_default=True, type=float, help="Peak learning rate for --recover-steps.")
@@ -167,7 +170,7 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, precisio
                 input_shapes: tuple[str, ...], pipeline: str | None, verify_each: bool,
                 print_ir_after: tuple[str, ...], plugins: tuple[str, ...], calib_data: str | None,
                 calib_samples: int, calib_size: str | None, calib_normalize: str, keep_fp32: tuple[str, ...],
-                recover_steps: int, recover_lr: float, recover_every: bool, qat_steps: int, qat_lr: float,
+                threads: int | None, recover_steps: int, recover_lr: float, recover_every: bool, qat_steps: int, qat_lr: float,
                 train_data: str | None, verify_samples: int, seed: int,
                 weights: Path | None, trust_pickle: bool, no_latency: bool, as_json: bool, quiet: bool,
                 **kw: Any) -> None:
@@ -195,9 +198,9 @@ def compile_cmd(source: str | None, model_opt: str | None, target: str, precisio
         target=target, input_shapes=_shapes(input_shapes), pipeline=pipeline, output=out, force=force,
         verify_each=verify_each, data=calib_data, verify_samples=verify_samples, calib_samples=calib_samples,
         calib_size=calib_size, calib_normalize=calib_normalize, keep_fp32=keep_fp32,
-        backend_options={k: v for k, v in backend_options.items() if v is not None}, recover_steps=recover_steps,
-        recover_lr=recover_lr, recover_every=recover_every, qat_steps=qat_steps, qat_lr=qat_lr, train_data=train_data,
-        seed=seed, tolerance=_tolerance(target_precision, kw, none_if_default=True), plugins=plugins,
+        backend_options={k: v for k, v in backend_options.items() if v is not None}, threads=threads,
+        recover_steps=recover_steps, recover_lr=recover_lr, recover_every=recover_every, qat_steps=qat_steps, qat_lr=qat_lr,
+        train_data=train_data, seed=seed, tolerance=_tolerance(target_precision, kw, none_if_default=True), plugins=plugins,
         weights=weights, trust_pickle=trust_pickle, print_ir_after=print_ir_after, measure=not no_latency, on_stage=stages,
     )
     rows = None
@@ -353,13 +356,15 @@ def targets_cmd(plugins: tuple[str, ...], as_json: bool) -> None:
 
     from graphopt.compiler import host_with
     from graphopt.targets import options_of
+    from graphopt.threads import THREADS_OPTION, uses_threads
 
     host = host_with(plugins)
     rows = []
     for t in host.targets:
         reason = t.backend.unavailable_reason()
+        options = [THREADS_OPTION] * uses_threads(t.backend) + list(options_of(t.backend))
         rows.append({"name": t.name, "backend": t.backend.name, "precision": t.precision, "pipeline": t.pipeline,
-                     "options": [o.to_json() for o in options_of(t.backend)], "available": reason is None, "why_not": reason,
+                     "options": [o.to_json() for o in options], "available": reason is None, "why_not": reason,
                      "doc": t.doc})
     if as_json:
         click.echo(json.dumps(rows, indent=2))

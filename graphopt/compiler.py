@@ -41,6 +41,7 @@ from graphopt.plugins import PluginHost, default_host
 from graphopt.program import Program
 from graphopt.report import Report, Verification
 from graphopt.targets import Artifact, TargetSpec, read_manifest
+from graphopt.threads import check_threads, default_threads, torch_threads, uses_threads
 from graphopt.verify import Tolerance, check_finite, compare, default_tolerance
 
 __all__ = ["compile", "CompileOptions", "CompileResult", "Plan", "load_artifact", "host_with", "measure_latency_ms",
@@ -172,6 +173,8 @@ class CompileOptions:
     keep_fp32: Sequence[str] = ()
     #: options of the target's backend, by name (its ``options`` table; ``graphopt targets`` lists them)
     backend_options: Mapping[str, Any] = field(default_factory=dict)
+    #: intra-op CPU threads the artifact runs with (targets that run on the CPU); None: :func:`~graphopt.threads.default_threads`
+    threads: int | None = None
     recover_steps: int = 0
     recover_lr: float = 1e-2
     #: recover after every approximate structural pass (iterative pruning), not once before quantization
@@ -248,12 +251,21 @@ class CompileOptions:
             raise UsageError(f"tolerance must be a graphopt.verify.Tolerance, got {type(self.tolerance).__name__}")
         if not isinstance(self.backend_options, Mapping):
             raise UsageError(f"backend_options must map option names to values, got {type(self.backend_options).__name__}")
+        if "threads" in self.backend_options:
+            raise UsageError("threads is no backend option: give it as threads=N (--threads N), for every CPU target")
+        if self.threads is not None:
+            self.threads = check_threads(self.threads, "--threads")
 
     def plan(self, host: PluginHost) -> Plan:
         """The target, its parsed pipeline, tolerance and backend options: checked against each other."""
         spec = host.targets.get(self.target)
         backend_options = spec.backend_options(self.backend_options, list(host.targets))
         spec.check_available(backend_options)
+        if self.threads is not None and not uses_threads(spec.backend):
+            cpu = [t.name for t in host.targets if uses_threads(t.backend)]
+            raise UsageError(f"--threads does not apply to target '{spec.name}' (it does not run on the CPU); "
+                             f"targets that take it: {', '.join(cpu)}")
+        threads = (self.threads or default_threads()) if uses_threads(spec.backend) else None
         pipe = parse_pipeline(self.pipeline if self.pipeline is not None else spec.pipeline, host.passes)
         for name in self.print_ir_after:
             if name != "all" and name not in pipe.names():
@@ -272,7 +284,7 @@ class CompileOptions:
                     inv.options.setdefault("keep_fp32_cosine", tolerance.min_cosine)
                 if tolerance.min_top1 is not None:
                     inv.options.setdefault("keep_fp32_top1", tolerance.min_top1)
-        return Plan(spec, pipe, bool(quant_invs), tolerance, self.tolerance is not None, backend_options)
+        return Plan(spec, pipe, bool(quant_invs), tolerance, self.tolerance is not None, backend_options, threads)
 
 
 def _names(values: str | Iterable[str] | None) -> list[str]:
@@ -291,6 +303,8 @@ class Plan:
     tolerance: Tolerance
     explicit_tolerance: bool
     backend_options: dict[str, Any]
+    #: intra-op CPU threads for a target that runs on the CPU; None for the others
+    threads: int | None = None
 
 
 def compile(source: Any, options: CompileOptions | None = None, /, **overrides: Any) -> CompileResult:
@@ -331,7 +345,7 @@ def compile(source: Any, options: CompileOptions | None = None, /, **overrides: 
                                     f"(over {len(data.samples)} inputs); nothing was written", report)
         if opts.measure:
             stage("measuring latency")
-            _measure_latency(report, original, artifact, data.samples[0])
+            _measure_latency(report, original, artifact, data.samples[0], plan.threads)
         if program.meta.get("training_mode_was"):
             report.warnings.append("the model was in training mode; graphopt compiled it in eval mode")
         if out.staging is not None:
@@ -427,6 +441,8 @@ def _run_passes(program: Program, original: Program, data: SplitData, plan: Plan
 def _lower(program: Program, plan: Plan) -> Artifact:
     if plan.backend_options:
         program.meta["backend_options"] = dict(plan.backend_options)
+    if plan.threads is not None:
+        program.meta["threads"] = plan.threads
     return plan.spec.backend.lower(program, plan.spec)
 
 
@@ -452,6 +468,8 @@ def _new_report(source: Any, program: Program, plan: Plan, data: SplitData, pass
         report.extra["qat"] = passes.qat.result
     if "quant" in program.meta:
         report.extra["quantization"] = program.meta["quant"].to_json()
+    if plan.threads is not None:
+        report.extra["threads"] = plan.threads
     return report
 
 
@@ -475,9 +493,10 @@ def _measure_size(report: Report, original: Program, program: Program, staging: 
     }
 
 
-def _measure_latency(report: Report, original: Program, artifact: Artifact, sample: Sample) -> None:
-    report.latency_ms = {"original": measure_latency_ms(original.run_reference, sample),
-                         "compiled": measure_latency_ms(artifact.run, sample)}
+def _measure_latency(report: Report, original: Program, artifact: Artifact, sample: Sample, threads: int | None) -> None:
+    with torch_threads(threads):  # the original on as many threads as the artifact
+        report.latency_ms = {"original": measure_latency_ms(original.run_reference, sample),
+                             "compiled": measure_latency_ms(artifact.run, sample)}
     o, c = report.latency_ms["original"], report.latency_ms["compiled"]
     if o and c and c > o * 1.05:
         report.warnings.append(f"the compiled model is SLOWER than the original on this machine: {c:.2f} ms vs {o:.2f} ms (p50)")
@@ -530,10 +549,15 @@ def _verify(report: Report, fp32_reference: Program, program: Program, artifact:
     return "; ".join(failures)
 
 
-def load_artifact(directory: str | Path, *, host: PluginHost | None = None) -> Artifact:
-    """Load a compiled artifact folder; the backend named in its manifest reads it."""
+def load_artifact(directory: str | Path, *, host: PluginHost | None = None, threads: int | None = None) -> Artifact:
+    """Load a compiled artifact folder; the backend named in its manifest reads it.
+
+    ``threads``: run a CPU artifact on this many intra-op threads instead of those its manifest records.
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    if threads is not None:
+        manifest["threads"] = check_threads(threads, "load_artifact(threads=)")
     host = host or default_host()
     spec = host.targets.get(manifest["target"])
     recorded = manifest.get("backend_options")

@@ -71,6 +71,10 @@ class Artifact(ABC):
     #: the end-to-end check applies.
     points: Mapping[str, str] = MappingProxyType({})
 
+    #: The intra-op CPU threads it runs with (``--threads``; :mod:`graphopt.threads`), recorded
+    #: in the manifest; None for an artifact that does not run on the CPU.
+    threads: int | None = None
+
     #: (verification inputs, the original's outputs on them), set by the compiler before the
     #: artifact is saved. A backend whose artifact is finished on another machine (TensorRT's
     #: engine) saves them and checks itself against them there; others ignore them.
@@ -106,6 +110,7 @@ class Artifact(ABC):
             "target": self.target,
             "precision": self.precision,
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", "")} for s in self.input_specs],
+            **({"threads": self.threads} if self.threads is not None else {}),
             **extra,
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -165,6 +170,8 @@ class Backend(Protocol):
     name: str
     #: the options this backend takes (``BackendOption``); a backend without the attribute takes none
     options: Sequence[BackendOption]
+    #: True: it runs on the CPU and honours ``--threads`` (:mod:`graphopt.threads`); absent means False
+    cpu_threads: bool
 
     def unavailable_reason(self) -> str | None:
         """None when this machine can run the backend, else why not (one line).

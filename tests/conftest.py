@@ -15,6 +15,7 @@ from graphopt.program import Program
 # process, here and in the `graphopt` subprocesses the CLI tests start. Intra-op threads
 # of several processes spinning against each other made convs 40x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("GRAPHOPT_THREADS", "1")  # the default of --threads: CPU artifacts run on one thread too
 
 
 @pytest.fixture(autouse=True, scope="session")

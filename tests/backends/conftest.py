@@ -20,7 +20,8 @@ def zoo_shape(name: str, size: int = 48) -> tuple[int, ...]:
 
 
 def compile_zoo(host, name: str, target: str, *, pipeline: str | None = None, size: int = 48, seed: int = 0,
-                calibration: tuple[int, int] = (4, 1), backend_options: dict[str, Any] | None = None):
+                calibration: tuple[int, int] = (4, 1), backend_options: dict[str, Any] | None = None,
+                threads: int | None = None):
     """(fp32 model, optimized program, artifact, two evaluation samples): a zoo model through the
     target's pipeline (or ``pipeline``) and lowered in memory; ``calibration`` = (batches, batch size)."""
     model = zoo.build(name)
@@ -34,6 +35,8 @@ def compile_zoo(host, name: str, target: str, *, pipeline: str | None = None, si
     program.calibration = [(torch.randn((batch, *shape[1:]), generator=g),) for _ in range(batches)]
     if backend_options:
         program.meta["backend_options"] = dict(backend_options)
+    if threads is not None:
+        program.meta["threads"] = threads
     spec = host.targets.get(target)
     PassManager(parse_pipeline(pipeline or spec.pipeline, host.passes)).run(program)
     artifact = spec.backend.lower(program, spec)

@@ -74,6 +74,7 @@ def test_every_zoo_model_matches_the_simulation_end_to_end(compiled, name):
         assert not artifact.exact_simulation and kinds == NOT_BIT_EXACT[name]
         return
     assert artifact.exact_simulation, artifact.stats["not_bit_exact"]
+    assert isinstance(artifact.runner, torch.jit.ScriptModule)  # what is held to the simulation: the frozen module
     check = check_lowering(program, artifact.run, samples)
     assert check.ok, check.violations
     assert check.bounds[0] == pytest.approx(2 * program.meta["quant"].output_scales[0])
@@ -105,6 +106,27 @@ def test_lowered_graph_uses_quantized_kernels(compiled, name):
     else:  # fp32 islands only where no int8 kernel exists (se_resnet, efficientnet_b0, convnext)
         assert float_ops <= {"Sigmoid", "SiLU", "GELU", "LayerNorm", "layer_norm"}, float_ops
         assert len(quantize) > 1 and len(dequantize) > 1
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "se_resnet", "shufflenet_v2", "efficientnet_b0", "inception"])
+def test_artifact_runs_a_frozen_torchscript_module(compiled, name, monkeypatch):
+    """run() dispatches no op through Python: it calls the frozen TorchScript module of the
+    lowered graph (weights inlined as constants, no attribute reads, no Python ops), which
+    computes what the fx graph computes bit for bit, also once the profiling executor has
+    optimized it (several runs) and at another batch size."""
+    _, program, artifact, samples = compiled(name)
+    samples = [*samples, (torch.cat([s[0] for s in samples] * 2),)]
+    with torch.inference_mode():
+        expected = [artifact.graph_module(*s) for s in samples]
+    runner = artifact.runner
+    assert isinstance(runner, torch.jit.ScriptModule)
+    graph = str(runner.graph)
+    assert "quantized::conv2d" in graph and "prim::GetAttr" not in graph and "prim::PythonOp" not in graph
+    assert "prim::RaiseException" not in graph and "aten::len" not in graph  # no input-rank check before each kernel
+    monkeypatch.setattr(artifact.graph_module, "forward", lambda *a: pytest.fail("run() went through the fx graph"))
+    for _ in range(3):
+        for s, e in zip(samples, expected):
+            assert torch.equal(artifact.run(*s), e)
 
 
 def test_resnet_graph_shape(compiled):
@@ -202,11 +224,11 @@ def test_artifact_round_trip_in_a_fresh_process(compiled, tmp_path):
         art = load_artifact({str(tmp_path / 'art')!r}, host=h)
         io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
         assert torch.equal(art.run(io["x"]), io["y"]), "outputs differ"
-        print("ok", type(art).__name__)
+        print("ok", type(art).__name__, type(art.runner).__name__)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "ok QuantizedArtifact" in out.stdout
+    assert "ok QuantizedArtifact RecursiveScriptModule" in out.stdout  # frozen at load, from graph.json
 
 
 def test_loaded_artifact_keeps_the_lowering_points(host, compiled, tmp_path):

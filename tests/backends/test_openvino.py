@@ -35,7 +35,7 @@ def lowered(lowered_zoo):
     """A zoo model lowered for an OpenVINO target at 48x48, one OpenVINO thread (the 2 cores are shared)."""
 
     def get(name: str, target: str, pipeline: str | None = None):
-        return lowered_zoo(name, target, pipeline=pipeline, backend_options={"threads": 1})
+        return lowered_zoo(name, target, pipeline=pipeline, threads=1)
 
     return get
 
@@ -53,7 +53,7 @@ def test_targets_are_registered(host):
         spec = host.targets.get(f"ov-{precision}")
         assert (spec.precision, spec.pipeline, spec.backend.name) == (precision, pipeline, "openvino")
         assert str(parse_pipeline(spec.pipeline, host.passes)) == spec.pipeline
-        assert [o.name for o in spec.backend.options] == ["threads"]
+        assert getattr(spec.backend, "options", ()) == () and spec.backend.cpu_threads  # --threads is a compile option
     assert host.targets.get("ov-fp32").backend.unavailable_reason() is None
     assert POLICIES["openvino"] is OPENVINO
 
@@ -95,8 +95,8 @@ def test_threads_option_is_checked_and_used(host, lowered):
     assert str(art.compiled.get_property("PERFORMANCE_HINT")) in ("LATENCY", "PerformanceMode.LATENCY")
     from tests.backends.conftest import compile_zoo
 
-    with pytest.raises(UsageError, match="'threads' must be a positive integer, got 0"):
-        compile_zoo(host, "digits_cnn", "ov-fp32", backend_options={"threads": 0})
+    with pytest.raises(UsageError, match="expected a positive number of threads"):
+        compile_zoo(host, "digits_cnn", "ov-fp32", threads=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def test_bf16_cosine_at_least_0999(host, lowered_zoo, name):
     # DenseNet-121 with random weights at 48x48 (1x1 feature maps after 58 concatenations) measured
     # cosine 0.9982 in bf16; at its own 224x224 0.99989: it is held at its real input size
     size = 224 if name == "densenet121" else 48
-    model, program, art, samples = lowered_zoo(name, "ov-bf16", size=size, backend_options={"threads": 1})
+    model, program, art, samples = lowered_zoo(name, "ov-bf16", size=size, threads=1)
     assert str(art.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("bf16", "<Type: 'bfloat16'>")
     refs, outs = [program.run(*x) for x in samples], [art.run(*x) for x in samples]
     metrics = compare(refs, outs).metrics
@@ -212,7 +212,7 @@ def test_artifact_reloads_in_a_fresh_process_without_the_original(tmp_path):
 
     out = tmp_path / "art"
     result = graphopt.compile("zoo:digits_cnn", target="ov-int8", output=out, verify_samples=2, calib_samples=4,
-                              measure=False, backend_options={"threads": 1})
+                              measure=False, threads=1)
     assert sorted(p.name for p in out.iterdir()) == ["artifact.json", "model.bin", "model.xml", "report.json"]
     manifest = json.loads((out / "artifact.json").read_text())
     assert manifest["backend"] == "openvino" and manifest["config"]["PERFORMANCE_HINT"] == "LATENCY"
@@ -298,7 +298,7 @@ def test_target_cpu_lists_unavailable_and_failed_candidates(monkeypatch, tmp_pat
     from graphopt.verify import Tolerance
 
     monkeypatch.setattr(ov_backend.OvBackend, "unavailable_reason", lambda self: "openvino is not installed (test)")
-    opts = CompileOptions(target="cpu", output=tmp_path / "fp32", verify_samples=2, backend_options={"threads": 1})
+    opts = CompileOptions(target="cpu", output=tmp_path / "fp32", verify_samples=2, threads=1)
     result, rows = compile_best("zoo:digits_cnn", opts, "fp32")
     by = {c.target: c for c in rows}
     assert by["ov-fp32"].status == "unavailable" and "openvino is not installed (test)" in by["ov-fp32"].reason
@@ -308,7 +308,7 @@ def test_target_cpu_lists_unavailable_and_failed_candidates(monkeypatch, tmp_pat
     from graphopt.errors import VerificationError
 
     strict = CompileOptions(target="cpu", output=tmp_path / "none", verify_samples=2, tolerance=Tolerance(max_abs_err=0.0),
-                            backend_options={"threads": 1})
+                            threads=1)
     with pytest.raises(VerificationError, match="no cpu-int8-any candidate verified: cpu-int8: failed"):
         compile_best("zoo:digits_cnn", strict, "int8")
     assert not (tmp_path / "none").exists()
