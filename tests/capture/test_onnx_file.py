@@ -345,3 +345,23 @@ def test_an_onnx_file_is_recognised_by_content(tmp_path):
     onnx.save(_se_gate(), str(path))
     program = capture(str(path))
     assert program.meta["source_kind"] == "onnx" and program.meta["opset"] == 13
+
+
+def test_profile_of_an_onnx_file_times_the_original_on_onnxruntime(tmp_path):
+    import json
+
+    path = export_onnx(zoo.build("digits_cnn"), zoo_input("digits_cnn"), tmp_path / "digits.onnx", 13)
+    result = run_cli("profile", str(path), "--json", "--runs", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    profile = json.loads(result.stdout)
+    assert profile["original_runtime"] == OrtReference.runtime
+    assert profile["original_runtime"].startswith("ONNX Runtime") and "on the original file" in profile["original_runtime"]
+    assert 0 < profile["original_ms"] < 1000
+    convs = [row for row in profile["nodes"] if row["target"] == "Conv2d"]
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in zoo.build("digits_cnn").modules()) and convs[0]["macs"] > 0
+
+    text = run_cli("profile", str(path), "--runs", "2", cwd=tmp_path)
+    assert text.returncode == 0, text.stderr[-2000:]
+    assert "original latency:" in text.stdout and "ONNX Runtime" in text.stdout and "on the original file" in text.stdout
+    zoo_profile = json.loads(run_cli("profile", "zoo:digits_cnn", "--json", "--runs", "2", cwd=tmp_path).stdout)
+    assert zoo_profile["original_ms"] is None and zoo_profile["original_runtime"] is None  # the graph is its own original
