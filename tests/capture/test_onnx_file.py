@@ -246,7 +246,31 @@ def _misc() -> onnx.ModelProto:
     return _model(nodes, [_vi("x", [2, 6, 7, 8])], [_vi("out", None)], inits)
 
 
+def _layer_norm(with_bias: bool) -> onnx.ModelProto:
+    """Channels-last LayerNormalization (opset 17) between two Transposes, as ConvNeXt exports it."""
+    inputs, inits = ["t", "scale"], [("scale", _w(6) + 1)]
+    if with_bias:
+        inputs, inits = [*inputs, "bias"], [*inits, ("bias", _w(6))]
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("LayerNormalization", inputs, ["n"], name="ln", axis=-1, epsilon=1e-6),
+             helper.make_node("Transpose", ["n"], ["out"], perm=[0, 3, 1, 2])]
+    return _model(nodes, [_vi("x", ["N", 6, 5, 4])], [_vi("out", None)], inits, opset=17)
+
+
+def _gather() -> onnx.ModelProto:
+    """Gather with rank-2 indices on a flattened tensor (the dynamo exporter's as_strided), and negative 1-d indices."""
+    i64 = lambda name, v: (name, np.array(v, np.int64))  # noqa: E731
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["f"]),
+             helper.make_node("Gather", ["f", "idx2"], ["strided"], axis=0),
+             helper.make_node("Gather", ["x", "neg"], ["picked"], axis=1)]
+    return _model(nodes, [_vi("x", [1, 3, 4, 5])], [_vi("strided", None), _vi("picked", None)],
+                  [i64("flat", [-1]), i64("idx2", [[0, 5, 7], [59, -1, 30]]), i64("neg", [-1, 0])])
+
+
 HAND_MADE = {
+    "gather-rank2-and-negative": (_gather, None),
+    "layer-norm": (lambda: _layer_norm(True), nn.LayerNorm),
+    "layer-norm-no-bias": (lambda: _layer_norm(False), nn.LayerNorm),
     "conv-asymmetric-pads": (lambda: _conv_net(pads=[0, 1, 2, 0]), nn.Conv2d),
     "conv-same-upper": (lambda: _conv_net(auto_pad="SAME_UPPER"), nn.Conv2d),
     "conv-same-lower": (lambda: _conv_net(auto_pad="SAME_LOWER"), nn.Conv2d),
@@ -281,7 +305,7 @@ def test_hand_made_graph_matches_onnxruntime(tmp_path, case):
         torch.testing.assert_close(program.run(x), program.run_reference(x), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["channel-shuffle", "se-gating", "misc"])
+@pytest.mark.parametrize("case", ["channel-shuffle", "se-gating", "misc", "layer-norm"])
 def test_hand_made_graph_compiles_on_cpu_fp32(tmp_path, case):
     path = tmp_path / f"{case}.onnx"
     onnx.save(HAND_MADE[case][0](), str(path))
