@@ -7,6 +7,7 @@ becomes a ``call_module`` node on a new ``nn.Module`` holding those tensors:
 
     aten.conv1d/conv2d/conv3d, aten.convolution (not transposed)     -> nn.Conv1d/2d/3d
     aten.batch_norm (eval), aten._native_batch_norm_legit_no_training -> nn.BatchNorm1d/2d/3d
+    aten.layer_norm with constant weight (and bias)                   -> nn.LayerNorm
     aten.linear, aten.addmm / aten.mm with a transposed weight        -> nn.Linear
     aten.relu, relu_, hardtanh (0, 6 -> ReLU6), sigmoid, tanh, silu,
     hardswish, hardsigmoid, gelu                                       -> activation modules
@@ -251,6 +252,21 @@ def _simple(make: Callable[[dict[str, Any]], nn.Module | None], tuple_output: bo
     return rule
 
 
+def _layer_norm(c: _Context) -> _Match | None:
+    kw = c.kw
+    w, b, inp = c.const(kw.get("weight")), c.const(kw.get("bias")), c.input()
+    if inp is None or w is None or (kw.get("bias") is not None and b is None):
+        return None
+    shape = tuple(int(d) for d in kw["normalized_shape"])
+    if tuple(w.shape) != shape or (b is not None and tuple(b.shape) != shape):
+        return None
+    module = nn.LayerNorm(shape, eps=float(kw.get("eps", 1e-5)), bias=b is not None, device="meta")
+    module.weight = _param(w)
+    if b is not None:
+        module.bias = _param(b)
+    return _Match(module, inp, [c.node], [c.node], _owner(str(kw["weight"].target)), (nn.LayerNorm, id(w), id(b), module.eps))
+
+
 def _hardtanh(inplace: bool) -> Callable[[dict[str, Any]], nn.Module]:
     def make(kw: dict[str, Any]) -> nn.Module:
         lo, hi = float(kw["min_val"]), float(kw["max_val"])
@@ -290,6 +306,7 @@ _RULES: dict[Any, Callable[[_Context], _Match | None]] = {
     aten.batch_norm.default: _batch_norm,
     aten._native_batch_norm_legit_no_training.default: _batch_norm,
     aten.linear.default: _linear,
+    aten.layer_norm.default: _layer_norm,
     aten.addmm.default: _addmm,
     aten.mm.default: _addmm,
     aten.relu.default: _simple(lambda kw: nn.ReLU()),

@@ -155,14 +155,15 @@ def test_training_mode_export_is_compiled_for_inference(tmp_path) -> None:
 
 
 class _Plumbing(nn.Module):
-    """Residual add, SE-style mul, sub/div, cat, view, permute, transpose, mean, flatten: the calls a trace spells in Python."""
+    """LayerNorm, residual add, SE-style mul, sub/div, cat, view, permute, transpose, mean, flatten: the calls a trace spells in Python."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x) + x
+        y = self.norm(self.conv(x)) + x
         y = y * torch.sigmoid(y.mean((2, 3), keepdim=True))
         y = torch.cat([(y - 1.0) / 2.0, y.permute(0, 1, 3, 2).transpose(2, 3)], 1)
         return torch.flatten(y.view(1, 8, -1).add(x.reshape(1, 4, -1).repeat(1, 2, 1), alpha=2), 1)
@@ -180,7 +181,8 @@ def test_aten_arithmetic_and_plumbing_become_the_calls_a_trace_gives(tmp_path) -
                   torch.transpose, torch.mean, torch.flatten):
         assert plain in targets, plain
     assert aten.add.Tensor in targets  # the add with alpha=2 has no operator spelling: it stays ATen
-    assert not {aten.mul.Tensor, aten.cat.default, aten.view.default, aten.mean.dim} & set(targets)
+    assert not {aten.mul.Tensor, aten.cat.default, aten.view.default, aten.mean.dim, aten.layer_norm.default} & set(targets)
+    assert {"Conv2d", "LayerNorm"} <= module_types(program)
     assert_same_outputs(program, model, torch.randn(1, 4, 6, 6))
 
 
