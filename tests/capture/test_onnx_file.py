@@ -305,6 +305,19 @@ def test_hand_made_graph_matches_onnxruntime(tmp_path, case):
         torch.testing.assert_close(program.run(x), program.run_reference(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("case", sorted(HAND_MADE))
+def test_every_imported_op_saves_in_a_cpu_int8_graph(tmp_path, case):
+    """What the importer emits can stay fp32 in a cpu-int8 artifact: its graph.json allow-lists name every such op."""
+    from graphopt.backends._cpu_int8_graph import load_graph, save_graph
+
+    onnx.save(HAND_MADE[case][0](), str(tmp_path / "m.onnx"))
+    program = capture(str(tmp_path / "m.onnx"))
+    save_graph(program.graph_module, tmp_path, "x86")
+    loaded, _points = load_graph(tmp_path, "x86")
+    x = torch.randn(program.example_inputs[0].shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loaded(x), program.run(x), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["channel-shuffle", "se-gating", "misc", "layer-norm"])
 def test_hand_made_graph_compiles_on_cpu_fp32(tmp_path, case):
     path = tmp_path / f"{case}.onnx"
