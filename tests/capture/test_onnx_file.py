@@ -79,9 +79,11 @@ def zoo_onnx(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, opset, target", CELLS)
-def test_zoo_onnx_compiles_and_verifies_against_onnxruntime(zoo_onnx, name, opset, target):
+def test_zoo_onnx_compiles_and_verifies_against_onnxruntime(zoo_onnx, tmp_path, name, opset, target):
     path = zoo_onnx(name, opset)
-    result = graphopt.compile(str(path), target=target, verify_samples=2, calib_samples=16, measure=False)
+    result = graphopt.compile(str(path), target=target, verify_samples=2, calib_samples=16, measure=False,
+                              output=tmp_path / "out")  # written and loaded back: what the artifact holds must save
+    assert (tmp_path / "out" / "artifact.json").is_file()
     assert result.program.meta["source_kind"] == "onnx"
     assert "ONNX Runtime" in result.report.extra["reference"]
     assert result.report.verification, result.report.verification
