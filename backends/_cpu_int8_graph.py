@@ -46,6 +46,9 @@ FUNCTIONS: dict[str, Any] = {
     **_named("torch.ops.quantized", torch.ops.quantized, "add add_relu mul mul_relu cat"),
     **_named("torch", torch, "quantize_per_tensor dequantize flatten cat concat concatenate add mul sub div mean relu "
                              "sigmoid tanh chunk split transpose permute reshape squeeze unsqueeze narrow softmax clamp"),
+    # the fp32 math and indexing an ONNX import emits (graphopt.capture.onnx_file.convert), for fp32 islands
+    **_named("torch", torch, "pow sqrt exp erf abs reciprocal log matmul sum amax select index_select"),
+    **_named("torch.nn.functional", F, "pad interpolate"),
     **_named("torch.nn.functional", F, "relu relu6 hardtanh sigmoid hardsigmoid hardswish silu gelu tanh leaky_relu "
                                        "layer_norm softmax dropout max_pool1d max_pool2d avg_pool1d avg_pool2d "
                                        "adaptive_avg_pool1d "
@@ -56,13 +59,13 @@ FUNCTIONS: dict[str, Any] = {
 GETATTR_NAMES = frozenset({"shape", "dtype", "ndim"})
 METHODS = frozenset(
     "view reshape flatten permute transpose contiguous squeeze unsqueeze chunk split narrow size dim numel relu sigmoid "
-    "tanh softmax clamp mean sum add mul sub div expand expand_as dequantize".split()
+    "tanh softmax clamp mean sum add mul sub div expand expand_as dequantize to".split()
 )
 FLOAT_MODULES: dict[str, type] = {
     **_named("torch.nn", nn, "Conv1d Conv2d Linear BatchNorm1d BatchNorm2d ReLU ReLU6 Hardtanh Sigmoid Hardsigmoid "
                              "Hardswish SiLU GELU Tanh LeakyReLU Softmax MaxPool1d MaxPool2d AvgPool1d AvgPool2d "
                              "AdaptiveAvgPool1d AdaptiveAvgPool2d AdaptiveMaxPool2d Flatten Dropout Dropout1d Dropout2d "
-                             "Identity ChannelShuffle LayerNorm"),
+                             "Identity ChannelShuffle LayerNorm ELU LogSoftmax LocalResponseNorm AdaptiveMaxPool1d"),
     **_named("torch.ao.nn.intrinsic", nni, "ConvReLU1d ConvReLU2d LinearReLU"),
 }
 QUANTIZED_MODULES: dict[str, type] = {

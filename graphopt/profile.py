@@ -18,6 +18,10 @@ at the shapes of ``sample`` (shapes are propagated for that, and the Program's
 first call only, so the node parameters sum to the model's parameter count.
 
 Placeholders and the output node are not listed; every other node is.
+
+A file source whose original runs in its own runtime (an ONNX file on ONNX Runtime, a
+TorchScript file as its ScriptModule: ``Program.reference``) also gets ``original_ms``, the
+median latency of that original on the sample, and ``original_runtime`` naming the runtime.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ class Profile:
     runs: int
     overhead_ms: float = 0.0  # median interpreter time outside the nodes, per run
     run_ms: float = 0.0  # median wall time of a whole interpreter run
+    original_ms: float | None = None  # the original file in its own runtime (None: no such original)
+    original_runtime: str | None = None  # which runtime ran it ("ONNX Runtime ... on the original file")
 
     @property
     def nodes_ms(self) -> float:
@@ -88,6 +94,8 @@ class Profile:
             "runs": self.runs,
             "overhead_ms": self.overhead_ms,
             "run_ms": self.run_ms,
+            "original_ms": self.original_ms,
+            "original_runtime": self.original_runtime,
             "nodes": [n.to_json() for n in self.nodes],
         }
 
@@ -95,7 +103,7 @@ class Profile:
     def from_json(cls, data: dict[str, Any]) -> "Profile":
         nodes = [NodeProfile(**{**n, "output_shape": _shape_from_json(n["output_shape"])}) for n in data["nodes"]]
         return cls(nodes, data["total_ms"], data["total_macs"], data["total_params"], data["runs"],
-                   data.get("overhead_ms", 0.0), data.get("run_ms", 0.0))
+                   data.get("overhead_ms", 0.0), data.get("run_ms", 0.0), data.get("original_ms"), data.get("original_runtime"))
 
     def render(self, console: Any, top: int | None = None) -> None:
         """A rich table of the ``top`` slowest nodes (all by default) and the totals."""
@@ -122,6 +130,8 @@ class Profile:
         table.add_row("", "interpreter overhead", "", "", f"{self.overhead_ms:.3f}", "", "", "")
         table.add_row("", "total", "", "", f"{self.total_ms:.3f}", "", f"{self.total_macs:,}", f"{self.total_params:,}")
         console.print(table)
+        if self.original_ms is not None:
+            console.print(f"original latency: {self.original_ms:.3f} ms (p50, {self.original_runtime})")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -278,6 +288,11 @@ def profile_program(program: Program, sample: tuple[Tensor, ...] | None = None, 
         ))
     profiles.sort(key=lambda p: (-p.ms, p.index))
     overhead = statistics.median(overheads) * 1e3
+    original_ms = None
+    if program.reference is not None:  # the original file in its own runtime, not the converted graph
+        from graphopt.compiler import measure_latency_ms
+
+        original_ms = measure_latency_ms(program.run_reference, inputs, min_runs=runs)
     return Profile(
         nodes=profiles,
         total_ms=node_total + overhead,
@@ -286,4 +301,6 @@ def profile_program(program: Program, sample: tuple[Tensor, ...] | None = None, 
         runs=runs,
         overhead_ms=overhead,
         run_ms=statistics.median(totals) * 1e3,
+        original_ms=original_ms,
+        original_runtime=program.meta.get("reference_runtime") if original_ms is not None else None,
     )

@@ -19,7 +19,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 __all__ = ["InputSpec", "Program", "flatten_outputs", "delete_unused_submodules", "name_prefixes", "MAX_INPUT_BYTES",
-           "input_bytes", "size_text"]
+           "input_bytes", "size_text", "ShapeProp"]
 
 #: The largest input tensor graphopt will make (random inputs, calibration, verification): 2 GiB.
 #: A bigger ``--input-shape`` is refused before anything is allocated.
@@ -114,7 +114,7 @@ class Program:
         ShapeProp prints a traceback to stderr first; this does not).
         """
         with torch.no_grad():
-            _ShapeProp(self.graph_module).run(*(t.clone() for t in self.example_inputs))
+            ShapeProp(self.graph_module).run(*(t.clone() for t in self.example_inputs))
 
     def clone(self) -> "Program":
         """A deep copy: rewriting the clone never touches this Program's weights."""
@@ -127,7 +127,7 @@ class Program:
         self.graph_module.recompile()
 
 
-class _ShapeProp(torch.fx.Interpreter):
+class ShapeProp(torch.fx.Interpreter):
     """``torch.fx.passes.shape_prop.ShapeProp`` without fake tensors, and quiet on failure."""
 
     def run_node(self, n: torch.fx.Node) -> Any:

@@ -22,7 +22,7 @@ import torch.fx
 from graphopt.capture.leaves import resolve_leaf_functions
 from graphopt.errors import CaptureError, choices, first_line
 from graphopt.fx_util import describe
-from graphopt.program import MAX_INPUT_BYTES, InputSpec, Program, flatten_outputs, input_bytes, size_text
+from graphopt.program import MAX_INPUT_BYTES, InputSpec, Program, ShapeProp, flatten_outputs, input_bytes, size_text
 
 __all__ = [
     "KNOWN_FORMATS",
@@ -228,8 +228,8 @@ class Reference:
 # --------------------------------------------------------------------------- finishing
 
 
-class _NodeRecorder(torch.fx.Interpreter):
-    """Runs the graph and remembers which node it is on, to name the one that fails."""
+class _NodeRecorder(ShapeProp):
+    """Runs the graph, filling ``tensor_meta`` as it goes, and remembers which node it is on, to name the one that fails."""
 
     current: torch.fx.Node | None = None
 
@@ -245,25 +245,27 @@ def _shapes_phrase(inputs: Sequence[torch.Tensor]) -> str:
     return f"input shapes {', '.join(texts)} do not fit"
 
 
-def _run_twice(model: torch.nn.Module, inputs: Sequence[torch.Tensor], label: str) -> tuple[list[torch.Tensor], ...]:
+def _run(model: torch.nn.Module, inputs: Sequence[torch.Tensor], label: str, times: int) -> list[list[torch.Tensor]]:
     runs = []
     try:
         with torch.no_grad():
-            for _ in range(2):
+            for _ in range(times):
                 runs.append(flatten_outputs(model(*(t.clone() for t in inputs))))
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(f"{label} failed when run on its example inputs{where(exc)}: {type(exc).__name__}: {first_line(exc)}") from exc
-    return tuple(runs)
+    return runs
 
 
-def check_deterministic(model: torch.nn.Module, inputs: Sequence[torch.Tensor], label: str) -> None:
+def check_deterministic(model: torch.nn.Module, inputs: Sequence[torch.Tensor], label: str,
+                        first: list[torch.Tensor] | None = None) -> None:
     """Run ``model`` twice on copies of the same inputs; a CaptureError when the outputs differ.
 
-    A model that draws random numbers in ``forward`` (``torch.randn``, dropout with
-    ``training=True``) cannot be verified: the comparison would measure the noise, or the
-    trace would freeze one draw and "verify" something the model never computes.
+    ``first``: the (flattened) outputs of a run of ``model`` on these inputs already made; then
+    it runs once more only. A model that draws random numbers in ``forward`` (``torch.randn``,
+    dropout with ``training=True``) cannot be verified: the comparison would measure the noise,
+    or the trace would freeze one draw and "verify" something the model never computes.
     """
-    a, b = _run_twice(model, inputs, label)
+    a, b = [first, *_run(model, inputs, label, 1)] if first is not None else _run(model, inputs, label, 2)
     same = len(a) == len(b) and all(
         x.shape == y.shape and torch.allclose(x.double(), y.double(), rtol=1e-5, atol=1e-6, equal_nan=True)
         for x, y in zip(a, b)
@@ -286,6 +288,7 @@ def finish(
     dtypes: Sequence[torch.dtype] | None = None,
     given_as: str = "--input-shape",  # or "example input"
     original: torch.nn.Module | None = None,
+    deterministic_ops: bool = False,
 ) -> Program:
     """Check the inputs against the graph's placeholders, run the graph once at those
     shapes (naming the node that fails), check that the model returns tensors and is
@@ -296,6 +299,9 @@ def finish(
     graph was traced from: it is the one run twice for the determinism check (tracing
     freezes ``torch.randn(2, 3)``-style noise into a constant, so the graph would look
     deterministic).
+
+    ``deterministic_ops``: the graph was built by a converter none of whose ops draws random
+    numbers (the ONNX importer), so the determinism check has nothing to find and is skipped.
     """
     gm.eval()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -327,16 +333,16 @@ def finish(
     except Exception as exc:  # noqa: BLE001 - any failure here is the input's fault or the model's
         node = recorder.current
         at = f"{describe(gm, node, brief=True)} failed" if node is not None else "it failed"
-        raise CaptureError(f"{_shapes_phrase(inputs)} {label}: {at}: {first_line(exc)}") from exc
+        raise CaptureError(f"{_shapes_phrase(inputs)} {label}: {at}: {first_line(exc.__cause__ or exc)}") from exc
     if not flatten_outputs(first) or not any(t.numel() for t in flatten_outputs(first)):
         raise CaptureError(f"{label} returns no tensor values (it returned {type(first).__name__}); "
                            "graphopt verifies a model by comparing its outputs, so forward must return tensors")
-    check_deterministic(original if original is not None else gm, inputs, label)
+    if not deterministic_ops:  # the graph's run above is the first of the two the check needs (an eager original runs twice)
+        check_deterministic(original if original is not None else gm, inputs, label,
+                            first=None if original is not None else flatten_outputs(first))
 
     meta = dict(meta)
     if leaves:
         meta["leaf_functions"] = leaves
     meta["input_shapes"] = [list(t.shape) for t in inputs]
-    program = Program(gm, inputs, meta)
-    program.propagate_shapes()
-    return program
+    return Program(gm, inputs, meta)  # shapes were propagated by the run above

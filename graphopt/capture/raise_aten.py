@@ -7,14 +7,20 @@ becomes a ``call_module`` node on a new ``nn.Module`` holding those tensors:
 
     aten.conv1d/conv2d/conv3d, aten.convolution (not transposed)     -> nn.Conv1d/2d/3d
     aten.batch_norm (eval), aten._native_batch_norm_legit_no_training -> nn.BatchNorm1d/2d/3d
+    aten.layer_norm with constant weight (and bias)                   -> nn.LayerNorm
     aten.linear, aten.addmm / aten.mm with a transposed weight        -> nn.Linear
     aten.relu, relu_, hardtanh (0, 6 -> ReLU6), sigmoid, tanh, silu,
     hardswish, hardsigmoid, gelu                                       -> activation modules
     aten.max_pool2d(_with_indices), avg_pool2d, adaptive_avg_pool2d,
     aten.dropout (eval)                                                -> pooling / Dropout
 
-Everything else (add, cat, view, flatten, mean, mul, ...) stays a ``call_function`` on
-the ATen op, which runs as is. New modules are named after the weights' original names
+ATen calls a ``torch.fx.symbolic_trace`` spells as a Python operator or torch function become
+that call, so passes and lowerings that match ``operator.add`` / ``torch.cat`` see them:
+
+    aten.add/sub (alpha 1), mul, div (no rounding) .Tensor             -> operator.add/sub/mul/truediv
+    aten.cat, flatten, view/reshape, permute, transpose, mean.dim      -> torch.cat/flatten/reshape/...
+
+Everything else stays a ``call_function`` on the ATen op, which runs as is. New modules are named after the weights' original names
 (``layer1.0.conv1.weight`` -> ``layer1.0.conv1``) or the ``nn_module_stack`` the export
 recorded; a module called twice (shared weights) becomes one module called twice, as
 ``torch.fx.symbolic_trace`` would have it. ``get_attr`` nodes and tensors left unused
@@ -246,6 +252,21 @@ def _simple(make: Callable[[dict[str, Any]], nn.Module | None], tuple_output: bo
     return rule
 
 
+def _layer_norm(c: _Context) -> _Match | None:
+    kw = c.kw
+    w, b, inp = c.const(kw.get("weight")), c.const(kw.get("bias")), c.input()
+    if inp is None or w is None or (kw.get("bias") is not None and b is None):
+        return None
+    shape = tuple(int(d) for d in kw["normalized_shape"])
+    if tuple(w.shape) != shape or (b is not None and tuple(b.shape) != shape):
+        return None
+    module = nn.LayerNorm(shape, eps=float(kw.get("eps", 1e-5)), bias=b is not None, device="meta")
+    module.weight = _param(w)
+    if b is not None:
+        module.bias = _param(b)
+    return _Match(module, inp, [c.node], [c.node], _owner(str(kw["weight"].target)), (nn.LayerNorm, id(w), id(b), module.eps))
+
+
 def _hardtanh(inplace: bool) -> Callable[[dict[str, Any]], nn.Module]:
     def make(kw: dict[str, Any]) -> nn.Module:
         lo, hi = float(kw["min_val"]), float(kw["max_val"])
@@ -285,6 +306,7 @@ _RULES: dict[Any, Callable[[_Context], _Match | None]] = {
     aten.batch_norm.default: _batch_norm,
     aten._native_batch_norm_legit_no_training.default: _batch_norm,
     aten.linear.default: _linear,
+    aten.layer_norm.default: _layer_norm,
     aten.addmm.default: _addmm,
     aten.mm.default: _addmm,
     aten.relu.default: _simple(lambda kw: nn.ReLU()),
@@ -304,6 +326,40 @@ _RULES: dict[Any, Callable[[_Context], _Match | None]] = {
     aten._adaptive_avg_pool2d.default: _simple(_adaptive_avg_pool),
     aten.dropout.default: _simple(_dropout),
 }
+
+
+# ATen op -> (the call a symbolic trace gives, its positional args from the normalized kwargs,
+# or None when the call has options that the plain call does not take)
+_FunctionRule = tuple[Callable[..., Any], Callable[[dict[str, Any]], tuple[Any, ...] | None]]
+
+
+def _binary(op: Callable[..., Any]) -> _FunctionRule:
+    return op, lambda kw: (kw["input"], kw["other"]) if kw.get("alpha", 1) == 1 else None
+
+
+_FUNCTIONS: dict[Any, _FunctionRule] = {
+    aten.add.Tensor: _binary(operator.add),
+    aten.sub.Tensor: _binary(operator.sub),
+    aten.mul.Tensor: (operator.mul, lambda kw: (kw["input"], kw["other"])),
+    aten.div.Tensor: (operator.truediv, lambda kw: (kw["input"], kw["other"])),
+    aten.cat.default: (torch.cat, lambda kw: (list(kw["tensors"]), kw.get("dim", 0))),
+    aten.flatten.using_ints: (torch.flatten, lambda kw: (kw["input"], kw.get("start_dim", 0), kw.get("end_dim", -1))),
+    aten.view.default: (torch.reshape, lambda kw: (kw["input"], list(kw["size"]))),
+    aten.reshape.default: (torch.reshape, lambda kw: (kw["input"], list(kw["shape"]))),
+    aten.permute.default: (torch.permute, lambda kw: (kw["input"], list(kw["dims"]))),
+    aten.transpose.int: (torch.transpose, lambda kw: (kw["input"], kw["dim0"], kw["dim1"])),
+    aten.mean.dim: (torch.mean, lambda kw: (kw["input"], kw["dim"], kw.get("keepdim", False)) if kw.get("dtype") is None else None),
+}
+
+
+def _plain_functions(graph: torch.fx.Graph) -> None:
+    """Rewrite the ATen calls in :data:`_FUNCTIONS` to the calls a symbolic trace gives (same values)."""
+    for node in graph.nodes:
+        rule = _FUNCTIONS.get(node.target) if node.op == "call_function" else None
+        normalized = rule and normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+        args = normalized and rule[1](dict(normalized.kwargs))
+        if args is not None:
+            node.target, node.args, node.kwargs = rule[0], args, {}
 
 
 # --------------------------------------------------------------------------- naming
@@ -397,6 +453,7 @@ def raise_to_modules(exported: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 graph.erase_node(dead)
         pending.append((call, match.name_hint))
 
+    _plain_functions(graph)
     for node in reversed(list(graph.nodes)):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)

@@ -152,3 +152,48 @@ def test_training_mode_export_is_compiled_for_inference(tmp_path) -> None:
     assert not [n for n in program.graph.nodes if n.op == "get_attr"]
     assert program.modules()["bn"].num_batches_tracked.item() == 0
     assert_same_outputs(program, model.eval(), torch.randn(2, 3, 16, 16))
+
+
+class _Plumbing(nn.Module):
+    """LayerNorm, residual add, SE-style mul, sub/div, cat, view, permute, transpose, mean, flatten: the calls a trace spells in Python."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x)) + x
+        y = y * torch.sigmoid(y.mean((2, 3), keepdim=True))
+        y = torch.cat([(y - 1.0) / 2.0, y.permute(0, 1, 3, 2).transpose(2, 3)], 1)
+        return torch.flatten(y.view(1, 8, -1).add(x.reshape(1, 4, -1).repeat(1, 2, 1), alpha=2), 1)
+
+
+def test_aten_arithmetic_and_plumbing_become_the_calls_a_trace_gives(tmp_path) -> None:
+    import operator
+
+    model = _Plumbing().eval()
+    x = torch.randn(1, 4, 6, 6)
+    _save(model, (x,), tmp_path / "plumbing.pt2")
+    program = capture(str(tmp_path / "plumbing.pt2"))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    for plain in (operator.add, operator.mul, operator.sub, operator.truediv, torch.cat, torch.reshape, torch.permute,
+                  torch.transpose, torch.mean, torch.flatten):
+        assert plain in targets, plain
+    assert aten.add.Tensor in targets  # the add with alpha=2 has no operator spelling: it stays ATen
+    assert not {aten.mul.Tensor, aten.cat.default, aten.view.default, aten.mean.dim, aten.layer_norm.default} & set(targets)
+    assert {"Conv2d", "LayerNorm"} <= module_types(program)
+    assert_same_outputs(program, model, torch.randn(1, 4, 6, 6))
+
+
+def test_a_residual_pt2_saves_on_cpu_int8_with_its_adds_quantized(tmp_path) -> None:
+    """aten.add.Tensor left in the graph was neither quantized nor savable by cpu-int8 (not on its loader's allow-list)."""
+    import graphopt
+
+    _save(zoo.build("resnet18"), (torch.randn(1, 3, 32, 32),), tmp_path / "r18.pt2")
+    result = graphopt.compile(str(tmp_path / "r18.pt2"), target="cpu-int8", output=tmp_path / "out", verify_samples=2,
+                              calib_samples=8, measure=False)
+    assert result.report.verification
+    lowered = {n.target for n in result.artifact.graph_module.graph.nodes if n.op == "call_function"}
+    assert torch.ops.quantized.add_relu in lowered or torch.ops.quantized.add in lowered
+    assert (tmp_path / "out" / "artifact.json").is_file()

@@ -79,9 +79,11 @@ def zoo_onnx(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, opset, target", CELLS)
-def test_zoo_onnx_compiles_and_verifies_against_onnxruntime(zoo_onnx, name, opset, target):
+def test_zoo_onnx_compiles_and_verifies_against_onnxruntime(zoo_onnx, tmp_path, name, opset, target):
     path = zoo_onnx(name, opset)
-    result = graphopt.compile(str(path), target=target, verify_samples=2, calib_samples=16, measure=False)
+    result = graphopt.compile(str(path), target=target, verify_samples=2, calib_samples=16, measure=False,
+                              output=tmp_path / "out")  # written and loaded back: what the artifact holds must save
+    assert (tmp_path / "out" / "artifact.json").is_file()
     assert result.program.meta["source_kind"] == "onnx"
     assert "ONNX Runtime" in result.report.extra["reference"]
     assert result.report.verification, result.report.verification
@@ -246,7 +248,31 @@ def _misc() -> onnx.ModelProto:
     return _model(nodes, [_vi("x", [2, 6, 7, 8])], [_vi("out", None)], inits)
 
 
+def _layer_norm(with_bias: bool) -> onnx.ModelProto:
+    """Channels-last LayerNormalization (opset 17) between two Transposes, as ConvNeXt exports it."""
+    inputs, inits = ["t", "scale"], [("scale", _w(6) + 1)]
+    if with_bias:
+        inputs, inits = [*inputs, "bias"], [*inits, ("bias", _w(6))]
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("LayerNormalization", inputs, ["n"], name="ln", axis=-1, epsilon=1e-6),
+             helper.make_node("Transpose", ["n"], ["out"], perm=[0, 3, 1, 2])]
+    return _model(nodes, [_vi("x", ["N", 6, 5, 4])], [_vi("out", None)], inits, opset=17)
+
+
+def _gather() -> onnx.ModelProto:
+    """Gather with rank-2 indices on a flattened tensor (the dynamo exporter's as_strided), and negative 1-d indices."""
+    i64 = lambda name, v: (name, np.array(v, np.int64))  # noqa: E731
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["f"]),
+             helper.make_node("Gather", ["f", "idx2"], ["strided"], axis=0),
+             helper.make_node("Gather", ["x", "neg"], ["picked"], axis=1)]
+    return _model(nodes, [_vi("x", [1, 3, 4, 5])], [_vi("strided", None), _vi("picked", None)],
+                  [i64("flat", [-1]), i64("idx2", [[0, 5, 7], [59, -1, 30]]), i64("neg", [-1, 0])])
+
+
 HAND_MADE = {
+    "gather-rank2-and-negative": (_gather, None),
+    "layer-norm": (lambda: _layer_norm(True), nn.LayerNorm),
+    "layer-norm-no-bias": (lambda: _layer_norm(False), nn.LayerNorm),
     "conv-asymmetric-pads": (lambda: _conv_net(pads=[0, 1, 2, 0]), nn.Conv2d),
     "conv-same-upper": (lambda: _conv_net(auto_pad="SAME_UPPER"), nn.Conv2d),
     "conv-same-lower": (lambda: _conv_net(auto_pad="SAME_LOWER"), nn.Conv2d),
@@ -281,7 +307,20 @@ def test_hand_made_graph_matches_onnxruntime(tmp_path, case):
         torch.testing.assert_close(program.run(x), program.run_reference(x), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["channel-shuffle", "se-gating", "misc"])
+@pytest.mark.parametrize("case", sorted(HAND_MADE))
+def test_every_imported_op_saves_in_a_cpu_int8_graph(tmp_path, case):
+    """What the importer emits can stay fp32 in a cpu-int8 artifact: its graph.json allow-lists name every such op."""
+    from graphopt.backends._cpu_int8_graph import load_graph, save_graph
+
+    onnx.save(HAND_MADE[case][0](), str(tmp_path / "m.onnx"))
+    program = capture(str(tmp_path / "m.onnx"))
+    save_graph(program.graph_module, tmp_path, "x86")
+    loaded, _points = load_graph(tmp_path, "x86")
+    x = torch.randn(program.example_inputs[0].shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loaded(x), program.run(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["channel-shuffle", "se-gating", "misc", "layer-norm"])
 def test_hand_made_graph_compiles_on_cpu_fp32(tmp_path, case):
     path = tmp_path / f"{case}.onnx"
     onnx.save(HAND_MADE[case][0](), str(path))
@@ -345,3 +384,23 @@ def test_an_onnx_file_is_recognised_by_content(tmp_path):
     onnx.save(_se_gate(), str(path))
     program = capture(str(path))
     assert program.meta["source_kind"] == "onnx" and program.meta["opset"] == 13
+
+
+def test_profile_of_an_onnx_file_times_the_original_on_onnxruntime(tmp_path):
+    import json
+
+    path = export_onnx(zoo.build("digits_cnn"), zoo_input("digits_cnn"), tmp_path / "digits.onnx", 13)
+    result = run_cli("profile", str(path), "--json", "--runs", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    profile = json.loads(result.stdout)
+    assert profile["original_runtime"] == OrtReference.runtime
+    assert profile["original_runtime"].startswith("ONNX Runtime") and "on the original file" in profile["original_runtime"]
+    assert 0 < profile["original_ms"] < 1000
+    convs = [row for row in profile["nodes"] if row["target"] == "Conv2d"]
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in zoo.build("digits_cnn").modules()) and convs[0]["macs"] > 0
+
+    text = run_cli("profile", str(path), "--runs", "2", cwd=tmp_path)
+    assert text.returncode == 0, text.stderr[-2000:]
+    assert "original latency:" in text.stdout and "ONNX Runtime" in text.stdout and "on the original file" in text.stdout
+    zoo_profile = json.loads(run_cli("profile", "zoo:digits_cnn", "--json", "--runs", "2", cwd=tmp_path).stdout)
+    assert zoo_profile["original_ms"] is None and zoo_profile["original_runtime"] is None  # the graph is its own original

@@ -95,9 +95,10 @@ def from_onnx(
     meta: dict[str, Any] = {"source": name, "source_kind": "onnx", "file": os.path.abspath(path),
                             "opset": prepared.opset, "reference_runtime": OrtReference.runtime}
     dtypes = [torch.from_numpy(np.empty(0, dtype=d)).dtype for _n, _s, d in prepared.inputs]
+    # every converter emits deterministic ops (a random ONNX op is refused as unsupported): no determinism check
     if example_inputs is not None:
-        program = finish(gm, label, meta, example_inputs=example_inputs, given_as="example input")
+        program = finish(gm, label, meta, example_inputs=example_inputs, given_as="example input", deterministic_ops=True)
     else:
-        program = finish(gm, label, meta, shapes=[s for _n, s, _d in prepared.inputs], dtypes=dtypes)
+        program = finish(gm, label, meta, shapes=[s for _n, s, _d in prepared.inputs], dtypes=dtypes, deterministic_ops=True)
     program.reference = reference
     return program

@@ -1,7 +1,7 @@
 """ONNX nodes -> module-level fx: one converter per op type.
 
-Conv, BatchNormalization, Gemm/MatMul with a constant weight, activations and pools become
-``call_module`` nodes holding ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` / ``nn.ReLU``
+Conv, BatchNormalization, LayerNormalization, Gemm/MatMul with a constant weight, activations
+and pools become ``call_module`` nodes holding ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm`` / ``nn.Linear`` / ``nn.ReLU``
 ... with their parameters, as ``torch.fx.symbolic_trace`` gives for a torch model; arithmetic
 and tensor plumbing become the ``call_function`` nodes a trace gives (``operator.add``,
 ``torch.cat``, ``torch.reshape``, ``torch.permute`` ...). Constants other than weights are
@@ -71,11 +71,15 @@ class Builder:
             raise CaptureError(f"{self.label}: tensor '{name}' has no producer")
         if array.size == 1 and array.ndim == 0:
             return array.item()
-        attr = self.unique("const_" + name)
-        self.root.register_buffer(attr, torch.from_numpy(np.array(array)))
-        node = self.graph.get_attr(attr)
+        node = self.tensor(name, array)
         self.env[name] = node
         return node
+
+    def tensor(self, name: str, array: np.ndarray) -> torch.fx.Node:
+        """A buffer holding ``array``, read with ``get_attr``."""
+        attr = self.unique("const_" + name)
+        self.root.register_buffer(attr, torch.from_numpy(np.array(array)))
+        return self.graph.get_attr(attr)
 
     def x(self, k: int = 0) -> Value:
         return self.value(self.node.input[k])
@@ -209,6 +213,21 @@ def batchnorm(b: Builder) -> list[Value]:
     _filled(mod, weight=scale, bias=shift, running_mean=mean, running_var=var)
     mod.eval()
     return [b.module(mod, b.x(0))]
+
+
+def layer_norm(b: Builder) -> list[Value]:
+    """LayerNormalization (opset 17) over the trailing dims from ``axis`` -> ``nn.LayerNorm`` with the file's scale and bias."""
+    a = b.attrs()
+    if len([o for o in b.node.output if o]) > 1:
+        raise b.unsupported("the Mean / InvStdDev outputs")
+    shape = b.shape(b.node.input[0])
+    normalized = tuple(shape[int(a.get("axis", -1)) % len(shape):])
+    scale, shift = b.need_const(1, "scale"), b.opt_const(2)
+    if len(b.node.input) > 2 and b.node.input[2] and shift is None:
+        raise b.unsupported("its bias (input 2) is not a constant")
+    mod = nn.LayerNorm(normalized, eps=float(a.get("epsilon", 1e-5)), bias=shift is not None, device="meta")
+    full = {k: None if v is None else np.broadcast_to(v, normalized) for k, v in (("weight", scale), ("bias", shift))}
+    return [b.module(_filled(mod, **full), b.x(0))]
 
 
 def _linear(b: Builder, x: Value, weight: np.ndarray, bias: np.ndarray | None) -> torch.fx.Node:
@@ -395,13 +414,18 @@ def slice_(b: Builder) -> list[Value]:
 
 
 def gather(b: Builder) -> list[Value]:
-    idx = b.need_const(1, "indices")
-    axis = int(b.attrs().get("axis", 0)) % len(b.shape(b.node.input[0]))
+    """Constant indices (negative ones counted from the end): select, index_select, or index_select + reshape for
+    indices of rank > 1 (the dynamo exporter's ``as_strided``)."""
+    shape = b.shape(b.node.input[0])
+    axis = int(b.attrs().get("axis", 0)) % len(shape)
+    idx = b.need_const(1, "indices").astype(np.int64)
+    idx = np.where(idx < 0, idx + shape[axis], idx)
     if idx.ndim == 0:
         return [b.fn(torch.select, b.x(0), axis, int(idx))]
+    picked = b.fn(torch.index_select, b.x(0), axis, b.tensor(b.node.input[1], idx.reshape(-1)))
     if idx.ndim == 1:
-        return [b.fn(torch.index_select, b.x(0), axis, b.value(b.node.input[1]))]
-    raise b.unsupported("indices of rank > 1")
+        return [picked]
+    return [b.fn(torch.reshape, picked, [*shape[:axis], *idx.shape, *shape[axis + 1:]])]
 
 
 def squeeze(b: Builder) -> list[Value]:
@@ -497,7 +521,7 @@ def _unary(target: Callable[..., Any]) -> Callable[[Builder], list[Value]]:
 
 
 CONVERTERS: dict[str, Callable[[Builder], list[Value]]] = {
-    "Conv": conv, "BatchNormalization": batchnorm, "Gemm": gemm, "MatMul": matmul,
+    "Conv": conv, "BatchNormalization": batchnorm, "LayerNormalization": layer_norm, "Gemm": gemm, "MatMul": matmul,
     "MaxPool": pool, "AveragePool": pool, "GlobalAveragePool": global_pool, "GlobalMaxPool": global_pool,
     "ReduceMean": reduce, "ReduceSum": reduce, "ReduceMax": reduce,
     "Relu": _simple_module(lambda a: nn.ReLU()), "Sigmoid": _simple_module(lambda a: nn.Sigmoid()),
