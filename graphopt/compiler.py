@@ -330,6 +330,7 @@ def compile(source: Any, options: CompileOptions | None = None, /, **overrides: 
         program = after.clone() if opts.shared is not None else program  # each lowering rewrites its own copy
         stage(f"lowering to {plan.spec.name}")
         artifact = _lower(program, plan)
+        artifact.threads_pinned = opts.threads is not None  # else: the loading machine's cores
         artifact.goldens = (data.samples, references)  # saved by backends that check themselves where they are finished
         report = _new_report(source, program, plan, data, passes)
         if "reference_runtime" in program.meta:  # verification compares with the original file in its own runtime

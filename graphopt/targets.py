@@ -71,9 +71,13 @@ class Artifact(ABC):
     #: the end-to-end check applies.
     points: Mapping[str, str] = MappingProxyType({})
 
-    #: The intra-op CPU threads it runs with (``--threads``; :mod:`graphopt.threads`), recorded
-    #: in the manifest; None for an artifact that does not run on the CPU.
+    #: The intra-op CPU threads it runs with (``--threads``; :mod:`graphopt.threads`); None for
+    #: an artifact that does not run on the CPU.
     threads: int | None = None
+    #: Whether the manifest records :attr:`threads`. The compiler clears it when no
+    #: ``--threads`` was given: the artifact then runs on the cores of whichever machine loads
+    #: it, not on the build machine's count.
+    threads_pinned: bool = True
 
     #: (verification inputs, the original's outputs on them), set by the compiler before the
     #: artifact is saved. A backend whose artifact is finished on another machine (TensorRT's
@@ -110,7 +114,7 @@ class Artifact(ABC):
             "target": self.target,
             "precision": self.precision,
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", "")} for s in self.input_specs],
-            **({"threads": self.threads} if self.threads is not None else {}),
+            **({"threads": self.threads} if self.threads is not None and self.threads_pinned else {}),
             **extra,
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -83,11 +83,16 @@ def test_ort_session_gets_the_threads(tmp_path, target):
         assert art.session.get_session_options().intra_op_num_threads == want
 
 
-def test_default_threads_are_recorded(tmp_path, monkeypatch):
+def test_default_threads_follow_the_loading_machine_and_given_ones_are_recorded(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV, "2")
     result = _compile(tmp_path, "cpu-fp32")
-    assert json.loads((tmp_path / "cpu-fp32" / "artifact.json").read_text())["threads"] == 2
-    assert result.artifact.threads == 2
+    assert "threads" not in json.loads((tmp_path / "cpu-fp32" / "artifact.json").read_text())  # not the build box's count
+    assert result.artifact.threads == 2 and json.loads((tmp_path / "cpu-fp32" / "report.json").read_text())["threads"] == 2
+    monkeypatch.setenv(ENV, "3")  # another machine
+    assert load_artifact(tmp_path / "cpu-fp32").threads == 3
+    _compile(tmp_path / "pinned", "cpu-fp32", threads=1)
+    assert json.loads((tmp_path / "pinned" / "cpu-fp32" / "artifact.json").read_text())["threads"] == 1
+    assert load_artifact(tmp_path / "pinned" / "cpu-fp32").threads == 1
 
 
 def test_bad_threads(tmp_path):
