@@ -3,7 +3,8 @@
     python bench/zoo_matrix.py [--size 48] [--names a,b] > table.md
 
 Per cell: verified (✓/✗, or the error's first words); for the int8 targets the cosine against
-fp32 and top-1 agreed/counted (see graphopt.verify.TOP1_RULE). The last column is the MACs
+fp32, top-1 agreed/counted (see graphopt.verify.TOP1_RULE) and how many layers the default
+fallback (``--keep-fp32 auto``) kept in fp32, if any. The last column is the MACs
 ``prune-channels{ratio=0.3}`` cuts (the pass as it is). 4 random calibration batches,
 8 verification samples, default tolerances; nothing is written.
 """
@@ -41,7 +42,9 @@ def cell(name: str, target: str, size: int) -> str:
     m = result.report.verification.metrics
     if target.endswith("fp32"):
         return "✓"
-    return f"✓ cos {m.cosine:.4f}, top-1 {round((m.top1_agreement or 0) * m.top1_counted)}/{m.top1_counted}"
+    kept = len(result.report.extra["quantization"]["kept_fp32"])
+    fallback = f", {kept} layers fp32" if kept else ""
+    return f"✓ cos {m.cosine:.4f}, top-1 {round((m.top1_agreement or 0) * m.top1_counted)}/{m.top1_counted}{fallback}"
 
 
 def pruned(name: str, size: int) -> str:

@@ -141,9 +141,10 @@ def cli(debug: bool) -> None:
 @click.option("--calib-size", metavar="HxW", help="Resize images from a --calib-data folder to this size [default: the input's].")
 @click.option("--calib-normalize", type=click.Choice(["none", "imagenet", "unit"]), default="none", show_default=True,
               help="Normalization of images from a --calib-data folder (pixels in [0,1] first).")
-@click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="NAMES|auto",
+@click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="NAMES|auto|none",
               help="Layers (module path or node name, comma-separated) to keep in fp32 in an int8 target; "
-                   "'auto' keeps the most sensitive ones until the tolerance is met.")
+                   "'auto' (the default) keeps the most sensitive ones when full int8 misses the tolerance on the "
+                   "calibration inputs; 'none': every layer int8.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
               help="Intra-op threads the artifact runs with, for every target that runs on the CPU; recorded in the "
                    "manifest [default: the cores this process may use]")

@@ -84,9 +84,9 @@ def test_int8_without_calibration_data_warns_loudly(tmp_path):
 def test_keep_fp32_auto_keeps_layers_until_the_tolerance_is_met(tmp_path):
     data = _digits_data(tmp_path / "digits.npy", n=40)
     tight = Tolerance(min_cosine=0.99999)
-    with pytest.raises(VerificationError, match="--keep-fp32 auto"):
+    with pytest.raises(VerificationError, match="--keep-fp32 auto"):  # 'none': every layer int8, no fallback
         graphopt.compile("zoo:digits_cnn", target="cpu-int8", data=data, calib_samples=32, verify_samples=8,
-                         tolerance=tight, measure=False)
+                         tolerance=tight, keep_fp32=["none"], measure=False)
     result = graphopt.compile("zoo:digits_cnn", target="cpu-int8", data=data, calib_samples=32, verify_samples=8,
                               keep_fp32=["auto"], tolerance=Tolerance(min_cosine=0.9999), measure=False)
     kept = result.report.extra["quantization"]["kept_fp32"]
@@ -94,6 +94,30 @@ def test_keep_fp32_auto_keeps_layers_until_the_tolerance_is_met(tmp_path):
     auto = result.report.extra["quantization"]["keep_fp32_auto"]
     assert auto["met"] and auto["after"]["cosine"] >= 0.9999 > auto["before"]["cosine"]
     assert result.report.verification.passed and result.report.verification.metrics.cosine >= 0.9999
+
+
+def test_auto_cosine_leaves_half_the_noise_the_bound_allows():
+    from graphopt.compiler import auto_cosine
+
+    assert auto_cosine(0.98) == pytest.approx(0.98985, abs=1e-5) and auto_cosine(0.9) == pytest.approx(0.94606, abs=1e-5)
+    for c in (0.5, 0.9, 0.98, 0.9999):  # noise-to-signal ratio 1/c^2 - 1, halved
+        assert (1 / auto_cosine(c) ** 2 - 1) == pytest.approx((1 / c**2 - 1) / 2)
+    assert auto_cosine(1.0) == 1.0 and 0 < auto_cosine(-0.5) < 1e-6
+
+
+def test_int8_fallback_is_the_default_and_a_no_op_when_full_int8_meets_the_tolerance():
+    """Without --keep-fp32 an int8 compile checks full int8 on the calibration inputs; when it meets the
+    target's bound (aimed 3 dB inside it) nothing changes: outputs are bit-identical to --keep-fp32 none."""
+    kw = dict(target="cpu-int8", calib_samples=4, verify_samples=2, measure=False)
+    default = graphopt.compile("zoo:digits_cnn", **kw)
+    quant = default.report.extra["quantization"]
+    auto = quant["keep_fp32_auto"]
+    assert auto["tolerance"]["min_cosine"] == pytest.approx(0.98985, abs=1e-5) and auto["met"]
+    assert auto["kept"] == [] and quant["kept_fp32"] == [] and auto["before"] == auto["after"]
+    full = graphopt.compile("zoo:digits_cnn", keep_fp32=["none"], **kw)
+    assert "keep_fp32_auto" not in full.report.extra["quantization"]
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(default.artifact.run(x), full.artifact.run(x))
 
 
 def test_keep_fp32_needs_an_int8_pipeline():

@@ -10,28 +10,25 @@ import torch.ao.nn.quantized as nnq
 import graphopt
 from graphopt import zoo
 from graphopt.compiler import load_artifact
-from graphopt.errors import VerificationError
 from tests.backends.conftest import zoo_shape
 
 TARGETS = ("cpu-fp32", "cpu-int8", "ort-int8")
 
-
-#: Random-weight nets whose *quantization* error (simulated int8 vs fp32, before any lowering)
-#: misses the default int8 cosine bound of 0.98 with random calibration batches at 48x48:
-#: DenseNet-121 cosine ~0.955 (SQNR ~10.5 dB) on both int8 targets; the lowering error is within
-#: its bound. (EfficientNet-B0 was at 0.96 when its BatchNorm statistics came from 64x64 inputs;
-#: from 112x112 ones it reaches 0.993.) Strict: the day it passes, this list must shrink.
-#: ShuffleNetV2 on cpu-int8: 0.9799 with 16 batches (0.974 with 32, 0.966 at 64x64; ort-int8 passes).
-INT8_QUALITY_OPEN = {"densenet121": ("cpu-int8", "ort-int8"), "shufflenet_v2": ("cpu-int8",)}
+#: Random-weight nets whose full-int8 quantization error misses the default int8 bound (cosine 0.98) with
+#: random calibration at 48x48, and the most layers the default fallback (``keep-fp32 auto``) may keep in fp32
+#: (measured: 37 of DenseNet-121's 250 quantizable layers, 4 of ShuffleNetV2's).
+#: Not a bad range or scale: every quantizer's own SQNR is the nominal ~40 dB, but these deep random nets
+#: amplify any perturbation (N(0,1) input noise at 40 dB comes out at 19 dB from DenseNet-121, 23 dB from
+#: ShuffleNetV2, vs 32 dB from the compact DenseNet), so the earliest layers (input and stem quantizers,
+#: first dense layers and transitions) dominate. Full int8: DenseNet-121 0.955 (both targets), ShuffleNetV2
+#: 0.9799 (cpu-int8).
+FALLBACK = {"densenet121": 60, "shufflenet_v2": 10}
 
 
 def _cases():
     for name in zoo.names():
         for target in TARGETS:
-            marks = [pytest.mark.xfail(strict=True, raises=VerificationError,
-                                       reason="int8 quantization error of this random-weight net: see INT8_QUALITY_OPEN")
-                     ] if target in INT8_QUALITY_OPEN.get(name, ()) else []
-            yield pytest.param(name, target, marks=marks, id=f"{name}-{target}")
+            yield pytest.param(name, target, id=f"{name}-{target}")
 
 
 @pytest.mark.slow
@@ -43,6 +40,14 @@ def test_zoo_model_verifies_on_target(name, target):
     v = result.report.verification
     assert v.passed and not v.violations
     assert v.metrics.cosine >= (0.9999 if target == "cpu-fp32" else 0.98)
+    if target == "cpu-fp32":
+        return
+    auto = result.report.extra["quantization"]["keep_fp32_auto"]  # the default int8 fallback ran
+    assert auto["met"] and auto["after"]["cosine"] >= auto["tolerance"]["min_cosine"]
+    assert auto["kept"] or auto["before"]["cosine"] >= auto["tolerance"]["min_cosine"]  # keeps only where full int8 missed
+    if name in FALLBACK:  # DenseNet-121 and ShuffleNetV2 miss 0.98 in full int8 (0.955, 0.980): see FALLBACK
+        kept = result.report.extra["quantization"]["kept_fp32"]
+        assert kept and all(k["reason"] == "auto" for k in kept) and len(kept) <= FALLBACK[name]
 
 
 def test_densenet121_cpu_int8_lowers_unfoldable_batchnorm(lowered_zoo, host, tmp_path):
