@@ -39,7 +39,7 @@ from graphopt.backends import _trt_engine as engine_mod
 from graphopt.backends._onnx_export import _check, export_fp32
 from graphopt.backends._onnx_qdq import TENSORRT, export_int8
 from graphopt.backends._trt_placement import to_fp16
-from graphopt.backends.ort import MANIFEST_KEYS, MODEL_FILE, OrtArtifact, load_onnx_artifact
+from graphopt.backends.ort import MANIFEST_KEYS, MODEL_FILE, OrtArtifact, _missing, load_onnx_artifact
 from graphopt.errors import ArtifactError, UsageError, VerificationError
 from graphopt.program import Program
 from graphopt.targets import Artifact, BackendOption, TargetSpec, register_target
@@ -66,16 +66,8 @@ def gpu_missing() -> str | None:
 
 
 def onnx_missing() -> str | None:
-    missing = []
-    for name in ONNX_MODULES:
-        try:
-            importlib.import_module(name)
-        except Exception:
-            missing.append(name)
-    if missing:
-        verb = "is" if len(missing) == 1 else "are"
-        return f"{', '.join(missing)} {verb} not installed (pip install 'graphopt[onnx,tensorrt]')"
-    return None
+    """None where the TensorRT-ready ONNX can be prepared and checked (the ONNX tools import), else what is missing."""
+    return _missing(ONNX_MODULES, "onnx,tensorrt")
 
 
 class TensorRTArtifact(OrtArtifact):

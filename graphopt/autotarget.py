@@ -177,6 +177,7 @@ def compile_best(source: Any, options: CompileOptions, precision: str) -> tuple[
 
 def render_candidates(console: Any, rows: Sequence[Candidate]) -> None:
     """The candidates as a table on a rich Console."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="candidates (fastest verified one kept)", title_justify="left")
@@ -187,5 +188,5 @@ def render_candidates(console: Any, rows: Sequence[Candidate]) -> None:
         table.add_row(c.target, c.status, f"{c.latency_ms:.2f}" if c.latency_ms is not None else "–",
                       f"{m['cosine']:.6f}" if m.get("cosine") is not None else "–",
                       f"{m['max_rel_err']:.3g}" if m.get("max_rel_err") is not None else "–",
-                      f"{c.size_bytes / 1e6:.2f}" if c.size_bytes is not None else "–", c.reason)
+                      f"{c.size_bytes / 1e6:.2f}" if c.size_bytes is not None else "–", escape(c.reason))
     console.print(table)

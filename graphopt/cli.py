@@ -370,13 +370,16 @@ def targets_cmd(plugins: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    from rich.markup import escape
+
     table = Table()
     for col in ("target", "backend", "precision", "default pipeline", "options", "available here"):
         table.add_column(col)
     for r in rows:
         opts = "\n".join(f"{o['flag']} {o['type']}" for o in r["options"]) or "–"
         available = "yes" if r["available"] else f"no: {r['why_not']}"
-        table.add_row(r["name"], r["backend"], r["precision"], r["pipeline"], opts, available)
+        # plain text, not markup: an install hint such as pip install 'graphopt[tensorrt]' keeps its brackets
+        table.add_row(*(escape(c) for c in (r["name"], r["backend"], r["precision"], r["pipeline"], opts, available)))
     _console().print(table)
 
 
