@@ -38,6 +38,10 @@ compression): no pickles; it reloads without the original or ONNX.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +53,7 @@ from torch.fx import GraphModule
 from graphopt.backends._onnx_export import export_fp32
 from graphopt.backends._onnx_qdq import OPENVINO, export_int8
 from graphopt.backends.ort import ProbedArtifact, _missing, probe_graph, read_io_specs
-from graphopt.errors import ArtifactError, UsageError, first_line
+from graphopt.errors import ArtifactError, LoweringError, UsageError, first_line
 from graphopt.program import InputSpec, Program
 from graphopt.targets import Artifact, TargetSpec, register_target
 from graphopt.threads import default_threads, manifest_threads, program_threads
@@ -230,6 +234,7 @@ class OvBackend:
             data, fields, spec = export_fp32(program, target.name)
         if "points" in fields:
             fields["points"] = _fq_inputs(data, fields["points"])
+        _compile_in_child(data, target.name, self.precision, threads)
         model = _core().read_model(data)
         return OvArtifact(model, target.name, self.precision, program.input_specs, spec, fields, threads)
 
@@ -253,6 +258,25 @@ class OvBackend:
             return OvArtifact(model, target.name, self.precision, specs, output_spec, fields, manifest_threads(manifest))
         except Exception as exc:
             raise ArtifactError(f"OpenVINO cannot compile '{path}': {first_line(exc)}") from None
+
+
+#: compiles the ONNX file argv[1] for the CPU with the JSON config argv[2]
+_CHILD = "import json, sys, openvino as ov; c = ov.Core(); c.compile_model(c.read_model(sys.argv[1]), 'CPU', json.loads(sys.argv[2]))"
+
+
+def _compile_in_child(data: bytes, target: str, precision: str, threads: int) -> None:
+    """Compile the model once in a child process first: OpenVINO 2026.4.1's CPU plugin segfaults on
+    some graphs (DenseNet-121's Q/DQ model), which would kill this process with no message and
+    take a ``--target cpu`` search down with it. A crash there is a LoweringError naming the signal;
+    an ordinary failure is left to the compile in this process, which reports its own message."""
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": PRECISION_HINT[precision]}
+    with tempfile.TemporaryDirectory(prefix="graphopt-ov-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(data)
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), json.dumps(config)], capture_output=True)
+    if proc.returncode < 0:
+        raise LoweringError(f"{target}: OpenVINO crashed (signal {-proc.returncode}) compiling this model for the CPU; "
+                            "a known OpenVINO defect on some graphs (e.g. DenseNet-121 int8): use ort-int8 or cpu-int8")
 
 
 def _target(precision: str, pipeline: str, doc: str) -> TargetSpec:

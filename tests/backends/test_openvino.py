@@ -312,3 +312,16 @@ def test_target_cpu_lists_unavailable_and_failed_candidates(monkeypatch, tmp_pat
     with pytest.raises(VerificationError, match="no cpu-int8-any candidate verified: cpu-int8: failed"):
         compile_best("zoo:digits_cnn", strict, "int8")
     assert not (tmp_path / "none").exists()
+
+
+def test_an_openvino_crash_is_one_lowering_error_not_a_dead_process(monkeypatch, tmp_path):
+    """OpenVINO 2026.4.1 segfaults compiling some graphs (DenseNet-121 int8): the child compile turns that into an error."""
+    import graphopt
+    from graphopt.backends import openvino as ov_backend
+    from graphopt.errors import LoweringError
+
+    monkeypatch.setattr(ov_backend, "_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    out = tmp_path / "out"
+    with pytest.raises(LoweringError, match=r"ov-fp32: OpenVINO crashed \(signal 11\) compiling this model"):
+        graphopt.compile("zoo:digits_cnn", target="ov-fp32", output=out, verify_samples=2, measure=False, threads=1)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
