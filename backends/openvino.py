@@ -170,8 +170,7 @@ class OvArtifact(ProbedArtifact):
         self.output_spec = output_spec
         self.fields = dict(fields)
         self.threads = threads or default_threads()
-        self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads,
-                       "INFERENCE_PRECISION_HINT": PRECISION_HINT[precision]}
+        self.config = compile_config(precision, self.threads)
         self.compiled = _core().compile_model(model, "CPU", self.config)
         self.request = self.compiled.create_infer_request()
         self.n_outputs = len(self.compiled.outputs)
@@ -260,6 +259,11 @@ class OvBackend:
             raise ArtifactError(f"OpenVINO cannot compile '{path}': {first_line(exc)}") from None
 
 
+def compile_config(precision: str, threads: int) -> dict[str, Any]:
+    """The CPU plugin configuration every OpenVINO target compiles with (artifact and child check alike)."""
+    return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": PRECISION_HINT[precision]}
+
+
 #: compiles the ONNX file argv[1] for the CPU with the JSON config argv[2]
 _CHILD = "import json, sys, openvino as ov; c = ov.Core(); c.compile_model(c.read_model(sys.argv[1]), 'CPU', json.loads(sys.argv[2]))"
 
@@ -269,7 +273,7 @@ def _compile_in_child(data: bytes, target: str, precision: str, threads: int) ->
     some graphs (DenseNet-121's Q/DQ model), which would kill this process with no message and
     take a ``--target cpu`` search down with it. A crash there is a LoweringError naming the signal;
     an ordinary failure is left to the compile in this process, which reports its own message."""
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": PRECISION_HINT[precision]}
+    config = compile_config(precision, threads)
     with tempfile.TemporaryDirectory(prefix="graphopt-ov-") as tmp:
         path = Path(tmp) / "model.onnx"
         path.write_bytes(data)
