@@ -6,7 +6,7 @@ each target of the family through :func:`graphopt.compile` (each verified on its
 artifact, read back from disk, against its own tolerance); the candidates share one
 capture, one set of data and, per distinct pipeline, one run of the passes (so ``ort-int8``
 and ``ov-int8`` share one calibration). The verified artifacts are then timed on the
-input shapes being compiled for, one at a time (:func:`time_candidates`: warm-up, median
+input shapes being compiled for, one at a time (:func:`time_candidates`: a settling warm-up, median
 of 30 calls, two passes in opposite orders), and the fastest is written to the output folder. Every candidate is
 a row of the table (``report.json``: ``candidates``), unavailable and failed ones with
 their reason.
@@ -81,15 +81,17 @@ class Candidate:
 
 
 def time_candidates(artifacts: dict[str, Artifact], inputs: tuple[torch.Tensor, ...], *, warmup: int = 5,
-                    runs: int = 30) -> dict[str, float]:
+                    settle_ms: float = 30.0, runs: int = 30) -> dict[str, float]:
     """Each artifact's median latency (ms) over ``runs`` calls, timed one artifact at a time.
 
     Not interleaved call by call: right after another runtime has run, its idle threads
-    still spin for a while (torch's OpenMP pool, ONNX Runtime's) and tax whichever artifact
-    follows (measured: ov-int8 ResNet-18 4.6 ms alone, 5.3 ms interleaved with cpu-int8 and
-    ort-int8 in one process; the deployed model runs alone). Each block starts with
-    ``warmup`` untimed calls; two passes, the second in reverse order, and the lower of
-    each artifact's two medians counts, so a slow spell of the machine hits one pass only.
+    still spin for a few milliseconds (torch's OpenMP pool, ONNX Runtime's, OpenVINO's) and
+    tax whichever artifact follows (measured: ov-int8 ResNet-18 4.6 ms alone, 5.3 ms
+    interleaved with cpu-int8 and ort-int8 in one process; at 64x64 cpu-int8's first calls
+    after ort-int8 took 1.67, 0.98, 0.77 ms against 0.68 steady; the deployed model runs
+    alone). Each block starts with untimed calls, at least ``warmup`` of them and for at least
+    ``settle_ms``; two passes, the second in reverse order, and the lower of each artifact's
+    two medians counts, so a slow spell of the machine hits one pass only.
     """
     best: dict[str, float] = {}
     order = list(artifacts)
@@ -97,8 +99,10 @@ def time_candidates(artifacts: dict[str, Artifact], inputs: tuple[torch.Tensor, 
         for names in (order, order[::-1]):
             for name in names:
                 art = artifacts[name]
-                for _ in range(warmup):
+                start, calls = time.perf_counter(), 0
+                while calls < warmup or (time.perf_counter() - start) * 1e3 < settle_ms:
                     art.run(*inputs)
+                    calls += 1
                 times = []
                 for _ in range(runs):
                     t0 = time.perf_counter()

@@ -1,0 +1,50 @@
+"""`--target cpu` times each candidate in its own settled block (graphopt.autotarget.time_candidates)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from graphopt.autotarget import time_candidates
+
+
+class _Fake:
+    """An artifact whose run() sleeps ``ms`` and logs (name, start time) into a shared list."""
+
+    def __init__(self, name: str, ms: float, log: list[tuple[str, float]]) -> None:
+        self.name, self.ms, self.log = name, ms, log
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        self.log.append((self.name, time.perf_counter()))
+        time.sleep(self.ms / 1e3)
+        return inputs[0]
+
+
+def _blocks(log: list[tuple[str, float]]) -> list[tuple[str, list[float]]]:
+    """The log cut into runs of calls of one name: (name, their start times)."""
+    out: list[tuple[str, list[float]]] = []
+    for name, t in log:
+        if out and out[-1][0] == name:
+            out[-1][1].append(t)
+        else:
+            out.append((name, [t]))
+    return out
+
+
+def test_each_candidate_is_timed_in_one_settled_block_per_pass() -> None:
+    log: list[tuple[str, float]] = []
+    arts = {"a": _Fake("a", 0.2, log), "b": _Fake("b", 2.0, log), "c": _Fake("c", 0.5, log)}
+    warmup, settle_ms, runs = 2, 40.0, 5
+    got = time_candidates(arts, (torch.zeros(1),), warmup=warmup, settle_ms=settle_ms, runs=runs)
+
+    blocks = _blocks(log)
+    # pass 1 a, b, c; pass 2 c, b, a (c's two blocks meet): no call of one candidate between another's
+    assert [name for name, _ in blocks] == ["a", "b", "c", "b", "a"]
+    for name, starts in blocks[:2] + blocks[3:]:
+        first_timed = starts[-runs]
+        assert len(starts) >= warmup + runs, name
+        # untimed calls for at least settle_ms before the first timed one, whatever the call's length
+        assert (first_timed - starts[0]) * 1e3 >= settle_ms, name
+    assert got["a"] < got["c"] < got["b"]
+    assert 0.2 <= got["a"] < 0.5 <= got["c"] < 2.0 <= got["b"]
