@@ -504,8 +504,10 @@ def _stage(artifact: Artifact, out: Output, host: PluginHost, stage: Callable[..
 
 def _measure_size(report: Report, original: Program, program: Program, staging: Path | None) -> None:
     from graphopt.cost import count_macs
+    from graphopt.quant import kernel_arithmetic_off
 
-    program.propagate_shapes()
+    with kernel_arithmetic_off(program.graph_module):  # shapes only: the exact int8 arithmetic is slow
+        program.propagate_shapes()
     report.macs = {"original": count_macs(original.graph_module), "compiled": count_macs(program.graph_module)}
     report.size_bytes = {
         "original": _state_bytes(original.graph_module),

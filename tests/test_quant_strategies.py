@@ -22,6 +22,7 @@ from graphopt.quant import (
     QuantLayer,
     Rounding,
     clear_kernel_arithmetic,
+    kernel_arithmetic_off,
     quantize_program,
 )
 
@@ -92,6 +93,16 @@ def test_a_strategy_from_outside_the_core_drives_every_quantizer():
     assert strategy.calls == 2
     assert torch.equal(got, expected)
     assert int((got != plain).sum()) > 200
+
+    with kernel_arithmetic_off(program.graph_module):  # plain inside the block (shape work), strategies back after
+        assert torch.equal(program.run(x), plain)
+    assert all(fq.rounding is strategy for fq in fqs)
+    try:
+        with kernel_arithmetic_off(program.graph_module):
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert all(fq.rounding is strategy for fq in fqs) and torch.equal(program.run(x), expected)
 
     clear_kernel_arithmetic(program.graph_module)  # back to plain fake-quantization, bit for bit
     assert all(fq.rounding is None for fq in fqs)

@@ -55,6 +55,7 @@ from graphopt.quant.simulate import (
     QuantLayer,
     Rounding,
     clear_kernel_arithmetic,
+    kernel_arithmetic_off,
     quantizer_of,
     silence_quantized_deprecation,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "Rounding",
     "LayerArithmetic",
     "clear_kernel_arithmetic",
+    "kernel_arithmetic_off",
     "quantizer_of",
     "silence_quantized_deprecation",
     "OpKind",
