@@ -15,7 +15,8 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -339,39 +340,66 @@ def compile(source: Any, options: CompileOptions | None = None, /, **overrides: 
     host = host_with(opts.plugins)
     plan = opts.plan(host)
     stage = opts.on_stage or (lambda *_a: None)
+    clock = _Clock()
     with Output(opts.output, force=opts.force, inputs=_input_paths(source, opts)) as out:
-        captured = _shared(opts, ("capture", plan.quantizes), lambda: _capture(source, opts, plan, stage))
+        with clock("capture"):
+            captured = _shared(opts, ("capture", plan.quantizes), lambda: _capture(source, opts, plan, stage))
         program, original, data, references = captured
         program = program.clone() if opts.shared is not None else program  # the shared one stays as captured
         stage("running passes")
-        after, passes = _shared(opts, ("passes", str(plan.pipeline), plan.quantizes),
-                                lambda: (program, _run_passes(program, original, data, plan, opts, stage)))
+        with clock("passes"):
+            after, passes = _shared(opts, ("passes", str(plan.pipeline), plan.quantizes),
+                                    lambda: (program, _run_passes(program, original, data, plan, opts, stage)))
         program = after.clone() if opts.shared is not None else program  # each lowering rewrites its own copy
         stage(f"lowering to {plan.spec.name}")
-        artifact = _lower(program, plan)
+        with clock("lowering"):
+            artifact = _lower(program, plan)
         artifact.threads_pinned = opts.threads is not None  # else: the loading machine's cores
         artifact.goldens = (data.samples, references)  # saved by backends that check themselves where they are finished
         report = _new_report(source, program, plan, data, passes)
         if "reference_runtime" in program.meta:  # verification compares with the original file in its own runtime
             report.extra["reference"] = program.meta["reference_runtime"]
-        artifact = _stage(artifact, out, host, stage)
+        with clock("saving"):
+            artifact = _stage(artifact, out, host, stage)
         report.extra.update(artifact.report_extra)
         stage("verifying")
-        violations = _verify(report, passes.fp32_reference or original, program, artifact, data.samples, references, plan,
-                             passes.records)
-        _measure_size(report, original, program, out.staging)
+        with clock("verification"):
+            violations = _verify(report, passes.fp32_reference or original, program, artifact, data.samples, references, plan,
+                                 passes.records)
+            _measure_size(report, original, program, out.staging)
         if violations:
             raise VerificationError(f"verification failed for {plan.spec.name}: {violations} "
                                     f"(over {len(data.samples)} inputs); nothing was written", report)
         if opts.measure:
             stage("measuring latency")
-            _measure_latency(report, original, artifact, data.samples[0], plan.threads)
+            with clock("latency"):
+                _measure_latency(report, original, artifact, data.samples[0], plan.threads)
         if program.meta.get("training_mode_was"):
             report.warnings.append("the model was in training mode; graphopt compiled it in eval mode")
+        report.extra["compile_seconds"] = clock.seconds()
         if out.staging is not None:
             report.write(out.staging / REPORT)
         out.commit()
     return CompileResult(artifact, report, program, out.path)
+
+
+class _Clock:
+    """Wall seconds per compile phase (``report.json``: ``compile_seconds``, with their ``total``)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = round(self.phases.get(phase, 0.0) + time.perf_counter() - t0, 3)
+
+    def seconds(self) -> dict[str, float]:
+        return {**self.phases, "total": round(time.perf_counter() - self.start, 3)}
 
 
 def _capture(source: Any, opts: CompileOptions, plan: Plan, stage: Callable[..., None]) -> tuple[Program, Program, SplitData, list[Any]]:

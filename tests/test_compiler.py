@@ -47,6 +47,11 @@ def test_compile_a_module_writes_a_loadable_artifact_and_leaves_the_model_alone(
     assert {"name", "seconds", "nodes_before", "nodes_after", "changed", "detail"} <= set(report["passes"][0])
     assert report["macs"]["compiled"] == report["macs"]["original"] > 0  # fusion does not change MACs
     assert report["latency_ms"]["original"] > 0 and report["latency_ms"]["compiled"] > 0
+    took = report["compile_seconds"]  # wall seconds per phase, every phase that ran, and the whole compile
+    assert list(took) == ["capture", "passes", "lowering", "saving", "verification", "latency", "total"]
+    assert all(v >= 0 for v in took.values())
+    assert sum(v for k, v in took.items() if k != "total") <= took["total"] + 0.01  # phases rounded to 1 ms
+    assert any(line.startswith("compile time: ") for line in result.report.detail_lines())
 
     artifact = graphopt.load_artifact(tmp_path / "out")
     with torch.inference_mode():
