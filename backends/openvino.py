@@ -39,18 +39,18 @@ the feature); recorded in the manifest (``backend_options`` and ``config``), so 
 way; :func:`compile_config` is the one place the artifact, its probe and the child-process check get their
 configuration from. The report's ``openvino`` entry names the float part's precision and counts the
 compute layers by runtime precision (``Convolution:bf16 2, Convolution:u8 18``). Measured (MobileNetV2
-224x224, batch 1, 2 OpenVINO threads, 10 layers kept: features.0-2, 17, 18; interleaved rounds of 10
-runs, medians; this 2-core AVX-512-BF16 machine (no AMX) was shared with other jobs at load 5-6, so read the ratio): bf16
-10.1 vs fp32 14.0 ms (0.72x; a second run 4.5 vs 6.9 ms, 0.65x); with no layer kept the hint changes
-nothing (8.7 vs 8.9 ms).
+224x224, batch 1, 2 OpenVINO threads, 10 layers kept: features.0-2, 17, 18; 30 interleaved rounds of
+10 runs, medians; this 2-core AVX-512-BF16 machine (no AMX) was shared with other jobs at load 5-6, so
+read the ratio): bf16 10.1 vs fp32 14.0 ms (0.72x; a second run, 15 rounds: 4.5 vs 6.9 ms, 0.65x);
+with no layer kept the hint changes nothing measurable (8.7 vs 8.9 ms).
 
 bf16 keeps 8 significant bits: one rounding of a value of up to 255 output steps moves it by up to half
 a step, and OpenVINO rounds to bf16 in places its runtime model does not all report (a kept layer's
 inputs, weights and output; on ConvNeXt the float arithmetic around int8 FullyConnected layers too). The
 per-op check measured it (worst quantizer, in its own steps, 48x48, 4 layers kept, fp32 -> bf16): 1 -> 2
-on ResNet-18/50, SE-ResNet, MobileNetV2, ShuffleNetV2, SqueezeNet (the quantizers after the kept layers),
-1 -> 3 on Inception (after kept stem convolutions) and ConvNeXt (its fc1 quantizers, also with no layer
-kept), 1 -> 1 on EfficientNet-B0. Under bf16 every quantized op is therefore held to 2 +
+on ResNet-18/50, SE-ResNet, ShuffleNetV2, SqueezeNet and MobileNetV2 at 64x64 (the quantizers after the
+kept layers), 1 -> 3 on Inception (after kept stem convolutions) and ConvNeXt (its fc1 quantizers, also
+with no layer kept), 1 -> 1 on EfficientNet-B0 and MobileNetV2 at 48x48. Under bf16 every quantized op is therefore held to 2 +
 :data:`BF16_EXTRA_STEPS` = 4 of its own steps (``Artifact.extra_steps``; the report shows the bound);
 fp32 keeps 2, and the end-to-end check against the original holds both to the int8 tolerance.
 
