@@ -9,7 +9,7 @@ AMX-BF16; elsewhere the target is unavailable and says which feature is missing)
 (:func:`~graphopt.backends._onnx_qdq.export_int8`) under OpenVINO's row of the placement
 table (:data:`OPENVINO`); OpenVINO turns every QuantizeLinear/DequantizeLinear pair into a
 FakeQuantize and its low-precision transformations run the convolutions on u8/i8 values.
-Layers kept in fp32 (``--keep-fp32``) have no Q/DQ on their weights and run in fp32.
+Layers kept in fp32 (``--keep-fp32``) have no Q/DQ on their weights and run in fp32 (or bf16, below).
 
 Activation scheme, chosen by measurement (``insert-quant-stubs{activations=u8|s8}`` on the
 same calibration, 224x224, batch 1, 2 OpenVINO threads, 15 interleaved rounds of 10 runs,
@@ -30,6 +30,30 @@ reports the end-to-end error against the simulated program in output steps
 (``lowering_check``; one-step rounding ties compound through depth: 5 output steps on
 ResNet-18 at 64x64, 9 on MobileNetV2 at 48x48) and holds the outputs to the int8 tolerance against the original.
 
+**ov-int8 ``--float-precision fp32|bf16``** (``backend_options={"float_precision": ...}``) is the precision
+OpenVINO runs the part of the int8 model that is not int8 in: the ``--keep-fp32`` layers (explicit or
+``auto``) and the float arithmetic between a dequantize and the next quantize. ``fp32`` (default):
+``INFERENCE_PRECISION_HINT`` ``f32``, the artifact exactly as before (nothing more recorded). ``bf16``:
+the hint ``bf16`` on the int8 model (a CPU without AVX-512-BF16/AMX-BF16 is unavailable, exit 3, naming
+the feature); recorded in the manifest (``backend_options`` and ``config``), so a reload compiles the same
+way; :func:`compile_config` is the one place the artifact, its probe and the child-process check get their
+configuration from. The report's ``openvino`` entry names the float part's precision and counts the
+compute layers by runtime precision (``Convolution:bf16 2, Convolution:u8 18``). Measured (MobileNetV2
+224x224, batch 1, 2 OpenVINO threads, 10 layers kept: features.0-2, 17, 18; 30 interleaved rounds of
+10 runs, medians; this 2-core AVX-512-BF16 machine (no AMX) was shared with other jobs at load 5-6, so
+read the ratio): bf16 10.1 vs fp32 14.0 ms (0.72x; a second run, 15 rounds: 4.5 vs 6.9 ms, 0.65x);
+with no layer kept the hint changes nothing measurable (8.7 vs 8.9 ms).
+
+bf16 keeps 8 significant bits: one rounding of a value of up to 255 output steps moves it by up to half
+a step, and OpenVINO rounds to bf16 in places its runtime model does not all report (a kept layer's
+inputs, weights and output; on ConvNeXt the float arithmetic around int8 FullyConnected layers too). The
+per-op check measured it (worst quantizer, in its own steps, 48x48, 4 layers kept, fp32 -> bf16): 1 -> 2
+on ResNet-18/50, SE-ResNet, ShuffleNetV2, SqueezeNet and MobileNetV2 at 64x64 (the quantizers after the
+kept layers), 1 -> 3 on Inception (after kept stem convolutions) and ConvNeXt (its fc1 quantizers, also
+with no layer kept), 1 -> 1 on EfficientNet-B0 and MobileNetV2 at 48x48. Under bf16 every quantized op is therefore held to 2 +
+:data:`BF16_EXTRA_STEPS` = 4 of its own steps (``Artifact.extra_steps``; the report shows the bound);
+fp32 keeps 2, and the end-to-end check against the original holds both to the int8 tolerance.
+
 Every target compiles with ``PERFORMANCE_HINT=LATENCY`` and ``INFERENCE_NUM_THREADS`` from
 ``--threads`` (:mod:`graphopt.threads`; default: the cores this process may use). The artifact is the
 OpenVINO IR (``model.xml`` + ``model.bin``, written by ``ov.save_model`` without fp16
@@ -42,6 +66,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +78,25 @@ from torch.fx import GraphModule
 from graphopt.backends._onnx_export import export_fp32
 from graphopt.backends._onnx_qdq import OPENVINO, export_int8
 from graphopt.backends.ort import ProbedArtifact, _missing, probe_graph, read_io_specs
-from graphopt.errors import ArtifactError, LoweringError, UsageError, first_line
+from graphopt.errors import ArtifactError, LoweringError, UsageError, choices, first_line
 from graphopt.program import InputSpec, Program
-from graphopt.targets import Artifact, TargetSpec, register_target
+from graphopt.targets import Artifact, BackendOption, TargetSpec, register_target
 from graphopt.threads import default_threads, manifest_threads, program_threads
 
 __all__ = ["MODEL_FILE", "WEIGHTS_FILE", "OvArtifact", "OvBackend", "ov_fp32", "ov_bf16", "ov_int8", "cpu_flags"]
 
 MODEL_FILE = "model.xml"
 WEIGHTS_FILE = "model.bin"
-#: the precision hint each target compiles with
+#: the precision hint each target compiles with (ov-int8: that of its float part, ``--float-precision``)
 PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+#: ``--float-precision bf16``: output steps added to every quantized op's bound (see the module doc)
+BF16_EXTRA_STEPS = 2.0
+#: the layers ``report_extra`` counts by runtime precision (the ones that do the arithmetic)
+COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
+#: ov-int8's option: the precision OpenVINO runs everything that is not int8 in
+FLOAT_PRECISION = BackendOption(
+    "float_precision", "precision of the part not run in int8 (--keep-fp32 layers, ops without int8 kernels); "
+    "bf16 needs AVX-512-BF16 or AMX-BF16 [default: fp32]", choices=("fp32", "bf16"), default="fp32")
 
 
 def cpu_flags() -> set[str]:
@@ -81,8 +114,8 @@ def _core() -> Any:
     return ov.Core()
 
 
-def _bf16_missing() -> str | None:
-    """Why this CPU cannot run bf16 kernels (None when it can)."""
+def _bf16_missing(what: str = "ov-bf16") -> str | None:
+    """Why this CPU cannot run bf16 kernels (None when it can); ``what`` is the thing that needs them."""
     try:
         capabilities = _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception as exc:  # no CPU plugin
@@ -91,7 +124,7 @@ def _bf16_missing() -> str | None:
         return None
     flags = cpu_flags()
     missing = [f for f in ("avx512_bf16", "amx_bf16") if f not in flags]
-    return f"this CPU lacks {' and '.join(missing) or 'bf16 support'} (ov-bf16 needs AVX-512-BF16 or AMX-BF16)"
+    return f"this CPU lacks {' and '.join(missing) or 'bf16 support'} ({what} needs AVX-512-BF16 or AMX-BF16)"
 
 
 def _fq_inputs(model_bytes: bytes, points: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -170,7 +203,9 @@ class OvArtifact(ProbedArtifact):
         self.output_spec = output_spec
         self.fields = dict(fields)
         self.threads = threads or default_threads()
-        self.config = compile_config(precision, self.threads)
+        #: ov-int8: the precision of its float part (``--float-precision``, recorded in ``backend_options``); else None
+        self.float_precision = float_precision(precision, self.fields)
+        self.config = compile_config(precision, self.threads, self.float_precision)
         self.compiled = _core().compile_model(model, "CPU", self.config)
         self.request = self.compiled.create_infer_request()
         self.n_outputs = len(self.compiled.outputs)
@@ -192,6 +227,11 @@ class OvArtifact(ProbedArtifact):
             self._probe = probe_graph("openvino", "ov", probe, self.input_specs, self.n_outputs, kept, self.output_spec)
         return self._probe
 
+    @property
+    def extra_steps(self) -> float:
+        """``--float-precision bf16``: :data:`BF16_EXTRA_STEPS` on every quantized op's bound (see the module doc)."""
+        return BF16_EXTRA_STEPS if self.float_precision == "bf16" else 0.0
+
     def runtime_precisions(self) -> dict[str, str]:
         """Each executed layer of the compiled graph -> the precision OpenVINO runs it in (``runtimePrecision``)."""
         found = {}
@@ -199,6 +239,13 @@ class OvArtifact(ProbedArtifact):
             info = op.get_rt_info()
             found[op.get_friendly_name()] = f"{info['layerType'].astype(str)}:{info['runtimePrecision'].astype(str)}"
         return found
+
+    @property
+    def report_extra(self) -> dict[str, Any]:
+        if self.float_precision is None:
+            return {}
+        layers = Counter(v for v in self.runtime_precisions().values() if v.split(":")[0] in COMPUTE_LAYERS)
+        return {"openvino": {"float_precision": self.float_precision, "layer_precisions": dict(sorted(layers.items()))}}
 
     def save_files(self, directory: Path) -> dict[str, Any]:
         import openvino as ov
@@ -221,19 +268,29 @@ class OvBackend:
     def __init__(self, precision: str) -> None:
         self.precision = precision
         self._needs = ("openvino", "onnx") + (("onnx_graphsurgeon",) if precision == "int8" else ())
+        self.options = (FLOAT_PRECISION,) if precision == "int8" else ()
 
     def unavailable_reason(self) -> str | None:
         return _missing(self._needs, "openvino") or (_bf16_missing() if self.precision == "bf16" else None)
 
+    def unavailable_reason_for(self, options: dict[str, Any]) -> str | None:
+        """As :meth:`unavailable_reason`; ov-int8 with ``float_precision`` bf16 also needs a bf16 CPU."""
+        bf16 = options.get("float_precision") == "bf16"
+        return self.unavailable_reason() or (_bf16_missing("--float-precision bf16") if bf16 else None)
+
     def lower(self, program: Program, target: TargetSpec) -> Artifact:
         threads = program_threads(program)
+        options = target.backend_options({k: v for k, v in (program.meta.get("backend_options") or {}).items() if v is not None})
+        target.check_available(options)
         if self.precision == "int8":
             data, fields, spec = export_int8(program, OPENVINO, target.name)
         else:
             data, fields, spec = export_fp32(program, target.name)
         if "points" in fields:
             fields["points"] = _fq_inputs(data, fields["points"])
-        _compile_in_child(data, target.name, self.precision, threads)
+        if options.get("float_precision", "fp32") != "fp32":  # recorded only when not the default: fp32 artifacts unchanged
+            fields["backend_options"] = {"float_precision": options["float_precision"]}
+        _compile_in_child(data, target.name, compile_config(self.precision, threads, float_precision(self.precision, fields)))
         model = _core().read_model(data)
         return OvArtifact(model, target.name, self.precision, program.input_specs, spec, fields, threads)
 
@@ -253,27 +310,41 @@ class OvBackend:
         skip = {"format", "target", "precision", "inputs", "backend", "files", "output_structure", "openvino", "config",
                 "threads"}
         fields = {k: v for k, v in manifest.items() if k not in skip}
+        float_precision(self.precision, fields)  # a damaged --float-precision record: ArtifactError naming the choices
         try:
             return OvArtifact(model, target.name, self.precision, specs, output_spec, fields, manifest_threads(manifest))
         except Exception as exc:
             raise ArtifactError(f"OpenVINO cannot compile '{path}': {first_line(exc)}") from None
 
 
-def compile_config(precision: str, threads: int) -> dict[str, Any]:
-    """The CPU plugin configuration every OpenVINO target compiles with (artifact and child check alike)."""
-    return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": PRECISION_HINT[precision]}
+def float_precision(precision: str, fields: dict[str, Any]) -> str | None:
+    """An ov-int8 artifact's ``--float-precision`` (its fields' or manifest's ``backend_options``; fp32 when absent);
+    None for the fp32/bf16 targets, whose precision is the target's."""
+    if precision != "int8":
+        return None
+    value = (fields.get("backend_options") or {}).get("float_precision", "fp32")
+    if value not in FLOAT_PRECISION.choices:
+        raise ArtifactError(f"ov-{precision} artifact records backend_options.float_precision {value!r}, "
+                            f"not one of {choices(FLOAT_PRECISION.choices)}")
+    return value
+
+
+def compile_config(precision: str, threads: int, float_part: str | None = None) -> dict[str, Any]:
+    """The CPU plugin configuration every OpenVINO target compiles with (artifact, probe and child check alike);
+    ``float_part``: ov-int8's ``--float-precision`` (the hint then applies to what is not int8)."""
+    hint = PRECISION_HINT[float_part or precision]
+    return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint}
 
 
 #: compiles the ONNX file argv[1] for the CPU with the JSON config argv[2]
 _CHILD = "import json, sys, openvino as ov; c = ov.Core(); c.compile_model(c.read_model(sys.argv[1]), 'CPU', json.loads(sys.argv[2]))"
 
 
-def _compile_in_child(data: bytes, target: str, precision: str, threads: int) -> None:
+def _compile_in_child(data: bytes, target: str, config: dict[str, Any]) -> None:
     """Compile the model once in a child process first: OpenVINO 2026.4.1's CPU plugin segfaults on
     some graphs (DenseNet-121's Q/DQ model), which would kill this process with no message and
     take a ``--target cpu`` search down with it. A crash there is a LoweringError naming the signal;
     an ordinary failure is left to the compile in this process, which reports its own message."""
-    config = compile_config(precision, threads)
     with tempfile.TemporaryDirectory(prefix="graphopt-ov-") as tmp:
         path = Path(tmp) / "model.onnx"
         path.write_bytes(data)

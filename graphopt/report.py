@@ -177,6 +177,13 @@ class Report:
             layers = trt.get("layer_precisions")
             per_layer = f"; engine layers by precision: {', '.join(f'{k} {v}' for k, v in layers.items())}" if layers else ""
             lines.append(f"tensorrt: {trt['runtime']}{per_layer}")
+        ov = self.extra.get("openvino")
+        if ov:
+            layers = ", ".join(f"{k} {v}" for k, v in ov["layer_precisions"].items())
+            bound = (split or {}).get("lowering_local", {}).get("steps")
+            held = f"; each quantized op held to {bound:g} output steps" if bound is not None else ""
+            lines.append(f"openvino: float part (--float-precision) in {ov['float_precision']}{held}; "
+                         f"layers by precision: {layers}")
         cal = self.extra.get("calibration")
         if cal:
             lines.append(f"calibration: {cal['source']}")

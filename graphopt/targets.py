@@ -71,6 +71,11 @@ class Artifact(ABC):
     #: the end-to-end check applies.
     points: Mapping[str, str] = MappingProxyType({})
 
+    #: Output steps added to the per-op bound of every quantized op (``verify_int8``), where the
+    #: backend runs the arithmetic around its int8 ops in a lower float precision on purpose
+    #: (OpenVINO's ``--float-precision bf16``: its module doc has the measurements). 0: the usual bound.
+    extra_steps: float = 0.0
+
     #: The intra-op CPU threads it runs with (``--threads``; :mod:`graphopt.threads`); None for
     #: an artifact that does not run on the CPU.
     threads: int | None = None

@@ -173,9 +173,9 @@ def verify_int8(
     by the caller's usual check of artifact vs original) and ``lowering_error`` (artifact
     vs simulated). ``lowering_check`` holds the lowering to ``steps`` output steps end to
     end; where the artifact is an fx lowering that records its points (cpu-int8),
-    ``lowering_local`` holds every quantized op to ``steps`` of its own steps, fed the
-    lowering's own inputs. ``violations`` lists what failed the gate: the per-op check,
-    plus the end-to-end one where the simulation reproduces the backend's arithmetic
+    ``lowering_local`` holds every quantized op to ``steps`` of its own steps (plus the
+    artifact's ``extra_steps``), fed the lowering's own inputs. ``violations`` lists what
+    failed the gate: the per-op check, plus the end-to-end one where the simulation reproduces the backend's arithmetic
     (``artifact.exact_simulation``: cpu-int8). Without that, one-step rounding ties
     compound through a deep net into several output steps, so only the per-op bound is
     a fair gate (ort-int8). ``reference_outputs``/``artifact_outputs``: those programs'
@@ -200,7 +200,7 @@ def verify_int8(
     gm, points = artifact.graph_module, artifact.points  # declared on Artifact
     violations: list[str] = []
     if isinstance(gm, GraphModule) and points:
-        local = check_lowering_local(simulated, gm, points, samples[:2], steps=steps)
+        local = check_lowering_local(simulated, gm, points, samples[:2], steps=steps + getattr(artifact, "extra_steps", 0.0))
         result["lowering_local"] = local.to_json()
         violations += local.violations
         if exact:

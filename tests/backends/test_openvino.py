@@ -53,7 +53,9 @@ def test_targets_are_registered(host):
         spec = host.targets.get(f"ov-{precision}")
         assert (spec.precision, spec.pipeline, spec.backend.name) == (precision, pipeline, "openvino")
         assert str(parse_pipeline(spec.pipeline, host.passes)) == spec.pipeline
-        assert getattr(spec.backend, "options", ()) == () and spec.backend.cpu_threads  # --threads is a compile option
+        assert spec.backend.cpu_threads  # --threads is a compile option
+        options = getattr(spec.backend, "options", ())
+        assert [o.name for o in options] == (["float_precision"] if precision == "int8" else [])
     assert host.targets.get("ov-fp32").backend.unavailable_reason() is None
     assert POLICIES["openvino"] is OPENVINO
 
@@ -201,6 +203,179 @@ def test_int8_s8_activations_are_accepted(lowered):
     assert art.fields["activations"] == "s8"
     split = verify_int8(lambda *x: model.eval()(*x), program, art, samples)
     assert split["violations"] == [] and split["lowering_local"]["ok"]
+
+
+# ---------------------------------------------------------------------------------------
+# ov-int8 --float-precision: the part not run in int8 (kept layers) in fp32 or bf16
+
+#: two layers of each model kept in floating point, how many convolutions the model has, and the input size
+#: (the random-weight MobileNetV2 is itself at cosine 0.973 vs fp32 after quantization at 64x64: 0.983 at 48x48)
+KEPT = {"resnet18": (("layers.1.0.conv1.0", "layers.2.0.conv2.0"), 20, 64),
+        "mobilenet_v2": (("features.2.conv.0.0", "features.3.conv.1.0"), 52, 48)}
+
+
+def _keep_pipeline(layers) -> str:
+    return f"fuse-conv-bn-relu,insert-quant-stubs{{activations=u8,keep-fp32=[{','.join(layers)}]}},dce"
+
+
+def _kept_convs(program) -> list[str]:
+    """The ONNX names of the Q/DQ export's convolutions that read fp32 weights directly (the kept layers)."""
+    model = onnx.load_from_string(export_int8(program, OPENVINO, "ov-int8")[0])
+    floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in floats]
+
+
+@pytest.mark.parametrize("name", sorted(KEPT))
+def test_float_precision_bf16_runs_the_kept_layers_in_bf16(host, lowered_zoo, name):
+    if not _bf16_here(host):
+        pytest.skip(host.targets.get("ov-bf16").backend.unavailable_reason())
+    from graphopt.backends.openvino import BF16_EXTRA_STEPS
+
+    layers, n_convs, size = KEPT[name]
+    for fp, runtime in (("fp32", "f32"), ("bf16", "bf16")):
+        model, program, art, samples = lowered_zoo(name, "ov-int8", pipeline=_keep_pipeline(layers), size=size, threads=1,
+                                                   backend_options={"float_precision": fp})
+        assert art.float_precision == fp and art.config["INFERENCE_PRECISION_HINT"] == runtime
+        assert str(art.compiled.get_property("INFERENCE_PRECISION_HINT")) in (runtime, "<Type: 'float32'>", "<Type: 'bfloat16'>")
+        precisions = art.runtime_precisions()
+        kept = _kept_convs(program)
+        assert len(kept) == 2 and [precisions[f"{k}/WithoutBiases"] for k in kept] == [f"Convolution:{runtime}"] * 2
+        convs = sorted(v for v in precisions.values() if v.startswith("Convolution"))
+        assert convs == sorted([f"Convolution:{runtime}"] * 2 + ["Convolution:u8"] * (n_convs - 2))  # the rest stays int8
+        assert art.report_extra["openvino"] == {"float_precision": fp, "layer_precisions": {
+            f"Convolution:{runtime}": 2, "Convolution:u8": n_convs - 2, "FullyConnected:u8": 1}}
+        split = verify_int8(lambda *x: model.eval()(*x), program, art, samples)
+        assert split["violations"] == [], split["violations"]
+        local = split["lowering_local"]
+        assert local["steps"] == 2.0 + (BF16_EXTRA_STEPS if fp == "bf16" else 0.0) and local["compared"] == len(art.points)
+        # measured on these models: every op within 1 step in fp32; with bf16 the quantizers after the kept
+        # layers reach 2 (the module doc has the other models)
+        assert max(e for _, e in local["worst"]) <= (1.0 if fp == "fp32" else 2.0) + 1e-3
+        metrics = compare([model.eval()(*x) for x in samples], [art.run(*x) for x in samples]).metrics
+        assert not default_tolerance("int8").violations(metrics), metrics
+
+
+@pytest.mark.parametrize("name", sorted(KEPT))
+def test_float_precision_bf16_compiles_verifies_and_reloads_in_a_fresh_process(host, tmp_path, name):
+    if not _bf16_here(host):
+        pytest.skip(host.targets.get("ov-bf16").backend.unavailable_reason())
+    import graphopt
+
+    layers, n_convs, size = KEPT[name]
+    out = tmp_path / "art"
+    result = graphopt.compile(f"zoo:{name}", target="ov-int8", output=out, keep_fp32=layers, input_shapes=[(1, 3, size, size)],
+                              backend_options={"float_precision": "bf16"}, verify_samples=2, calib_samples=16,
+                              measure=False, threads=1)  # 4 samples: the random MobileNetV2 at 0.976 in fp32 as in bf16
+    manifest = json.loads((out / "artifact.json").read_text())
+    assert manifest["backend_options"] == {"float_precision": "bf16"}
+    assert manifest["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["passed"] and report["int8_verification"]["violations"] == []
+    assert report["int8_verification"]["lowering_local"]["steps"] == 4.0
+    assert report["openvino"]["float_precision"] == "bf16" and report["openvino"]["layer_precisions"]["Convolution:bf16"] == 2
+    lines = result.report.detail_lines()
+    assert any(line.startswith("openvino: float part (--float-precision) in bf16; each quantized op held to 4 output steps")
+               for line in lines), lines
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(5))
+    np.save(tmp_path / "x.npy", x.numpy())
+    expected = result.artifact.run(x)
+    script = textwrap.dedent(f"""
+        import json, numpy as np, torch, graphopt
+        art = graphopt.load_artifact({str(out)!r})
+        y = art.run(torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r})))
+        np.save({str(tmp_path / 'y.npy')!r}, y.numpy())
+        convs = sorted(v for v in art.runtime_precisions().values() if v.startswith("Convolution"))
+        print(json.dumps({{"config": art.config, "float_precision": art.float_precision, "convs": convs}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert loaded["config"] == result.artifact.config and loaded["float_precision"] == "bf16"
+    assert loaded["convs"] == sorted(["Convolution:bf16"] * 2 + ["Convolution:u8"] * (n_convs - 2))
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), expected, rtol=0, atol=0)
+
+
+def test_child_compile_uses_the_artifacts_config(host, monkeypatch, tmp_path):
+    """The crash guard compiles with the very configuration the artifact then compiles with (compile_config)."""
+    if not _bf16_here(host):
+        pytest.skip(host.targets.get("ov-bf16").backend.unavailable_reason())
+    import graphopt.backends.openvino as ov_backend
+    from tests.backends.conftest import compile_zoo
+
+    seen = tmp_path / "config.json"
+    monkeypatch.setattr(ov_backend, "_CHILD", f"import sys; open({str(seen)!r}, 'w').write(sys.argv[2])")
+    pipe = "fuse-conv-bn-relu,insert-quant-stubs{activations=u8,keep-fp32=[features.3.0]},dce"
+    for fp, hint in (("bf16", "bf16"), ("fp32", "f32")):
+        _, _, art, _ = compile_zoo(host, "digits_cnn", "ov-int8", pipeline=pipe, threads=1,
+                                   backend_options={"float_precision": fp})
+        assert json.loads(seen.read_text()) == art.config == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 1,
+                                                              "INFERENCE_PRECISION_HINT": hint}
+    _, _, art, _ = compile_zoo(host, "digits_cnn", "ov-int8", pipeline=pipe, threads=1)  # no option: today's fp32
+    assert art.float_precision == "fp32" and "backend_options" not in art.fields
+    assert json.loads(seen.read_text()) == art.config and art.config["INFERENCE_PRECISION_HINT"] == "f32"
+
+
+def test_float_precision_is_listed_and_checked(capsys, tmp_path):
+    from graphopt.cli import main
+
+    assert main(["targets", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    (option,) = [o for o in rows["ov-int8"]["options"] if o["name"] == "float_precision"]
+    assert (option["flag"], option["type"], option["default"]) == ("--float-precision", "fp32|bf16", "fp32")
+    assert all(o["name"] != "float_precision" for o in rows["ov-fp32"]["options"] + rows["ov-bf16"]["options"])
+    base = ["compile", "zoo:digits_cnn", "-o", str(tmp_path / "out"), "-q"]
+    assert main(base + ["-t", "ov-int8", "--float-precision", "f16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--float-precision 'f16' for target 'ov-int8': not one of 'bf16', 'fp32'" in err
+    assert main(base + ["-t", "ov-fp32", "--float-precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--float-precision does not apply to target 'ov-fp32'" in err and "ov-int8" in err
+    assert not (tmp_path / "out").exists()
+
+
+def _no_bf16(monkeypatch) -> None:
+    import graphopt.backends.openvino as ov_backend
+
+    class NoBF16:
+        def get_property(self, device, name):
+            return ["FP32", "INT8"]
+
+    monkeypatch.setattr(ov_backend, "_core", NoBF16)
+    monkeypatch.setattr(ov_backend, "cpu_flags", lambda: {"avx512f", "avx512_vnni"})
+
+
+def test_float_precision_bf16_without_a_bf16_cpu_exits_3_naming_the_feature(host, monkeypatch, capsys, tmp_path):
+    from graphopt.cli import main
+
+    _no_bf16(monkeypatch)
+    backend = host.targets.get("ov-int8").backend
+    assert backend.unavailable_reason() is None and backend.unavailable_reason_for({"float_precision": "fp32"}) is None
+    code = main(["compile", "zoo:digits_cnn", "-t", "ov-int8", "--float-precision", "bf16", "-o", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 3 and err.count("\n") == 1
+    assert ("target 'ov-int8' cannot run here: this CPU lacks avx512_bf16 and amx_bf16 "
+            "(--float-precision bf16 needs AVX-512-BF16 or AMX-BF16)") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bf16_artifact_is_not_loaded_without_a_bf16_cpu_and_a_bad_record_is_an_artifact_error(host, monkeypatch, tmp_path):
+    if not _bf16_here(host):
+        pytest.skip(host.targets.get("ov-bf16").backend.unavailable_reason())
+    import graphopt
+    from graphopt.errors import ArtifactError, BackendUnavailableError
+
+    out = tmp_path / "art"
+    graphopt.compile("zoo:digits_cnn", target="ov-int8", output=out, keep_fp32=["features.3.0"],
+                     backend_options={"float_precision": "bf16"}, verify_samples=2, calib_samples=4, measure=False, threads=1)
+    with monkeypatch.context() as m:
+        _no_bf16(m)
+        with pytest.raises(BackendUnavailableError, match="lacks avx512_bf16 and amx_bf16 \\(--float-precision bf16 needs"):
+            graphopt.load_artifact(out)
+    manifest = json.loads((out / "artifact.json").read_text())
+    manifest["backend_options"]["float_precision"] = "f16"
+    (out / "artifact.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="records backend_options.float_precision 'f16', not one of 'bf16', 'fp32'"):
+        graphopt.load_artifact(out)
 
 
 # ---------------------------------------------------------------------------------------
