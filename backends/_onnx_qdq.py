@@ -16,7 +16,8 @@ placement table (:class:`QDQPolicy`, :data:`POLICIES`): drop a ReLU/Clip whose w
 quantizer's saturation already does (so ``DQ → Conv/Add → Q`` fuses), put a same-qparams
 Q/DQ pair after data-movement ops (exact: values stay on the grid; the next op still
 reads DequantizeLinear), read fp32 conv/gemm layers through a per-channel
-DequantizeLinear (so the runtime does not quantize them on its own). A new
+DequantizeLinear (so the runtime does not quantize them on its own), leave a Concat that a
+BatchNorm reads unquantized (OpenVINO crashes on that pair). A new
 ONNX-consuming runtime is a row in that table plus a session wrapper.
 """
 
@@ -63,7 +64,7 @@ class QDQPolicy:
 
     OpenVINO (:data:`OPENVINO`) reads every Q/DQ pair as a FakeQuantize and moves it across
     MaxPool/reshape itself, and never quantizes a float weight on its own: no extra pairs,
-    no pinning.
+    no pinning; no pair between a Concat and a BatchNorm (``float_concat_before_affine``).
     TensorRT (:data:`TENSORRT`) fuses only symmetric int8 and moves MaxPool/reshape across Q/DQ itself.
 
     ``only_where_consumed``: keep an activation pair only where a quantized op reads it (the
@@ -73,6 +74,14 @@ class QDQPolicy:
     reads its inputs' pairs only when they share one scale. ``high_precision``: the float
     type of everything not quantized (``fp16``: converted by onnxconverter-common, opset 19
     for fp16 Q/DQ scales).
+
+    ``float_concat_before_affine``: no pair on the output of a Concat of two or more inputs
+    that an affine op with constants reads (an unfolded BatchNorm, Mul/Add/Sub/Div by a
+    constant): the op reads the float concatenation of its inputs' own dequantized values.
+    OpenVINO 2026.4.1's CPU plugin segfaults compiling ``Concat → Q/DQ (zero point ≠ 0) →
+    BatchNorm/Mul/Add → Q/DQ``, DenseNet-121's pre-activation layer, in its low-precision
+    ``MoveFakeQuantize`` (``NetworkHelper::moveDequantizationBefore``); see
+    :func:`_float_concats_before_affine`.
     """
 
     runtime: str
@@ -83,13 +92,15 @@ class QDQPolicy:
     only_where_consumed: bool = False
     share_concat_scales: bool = False
     high_precision: str = "fp32"
+    float_concat_before_affine: bool = False
 
 
 ONNXRUNTIME = QDQPolicy("onnxruntime", ("u8", "s8"), fold_activations=True, requantize_after=DATA_MOVEMENT_OPS,
                         pin_fp32_layers=True)
 #: u8 asymmetric activations measured faster and more accurate than s8 under OpenVINO
 #: (numbers in :mod:`graphopt.backends.openvino`); weights symmetric int8 per channel.
-OPENVINO = QDQPolicy("openvino", ("u8", "s8"), fold_activations=True, requantize_after=frozenset(), pin_fp32_layers=False)
+OPENVINO = QDQPolicy("openvino", ("u8", "s8"), fold_activations=True, requantize_after=frozenset(), pin_fp32_layers=False,
+                     float_concat_before_affine=True)
 #: TensorRT: symmetric int8 only, Q/DQ only on the inputs of Conv/Gemm and residual identities,
 #: nothing around MaxPool/reshape (TensorRT moves them itself), fp16 elsewhere (strongly typed).
 TENSORRT = QDQPolicy("tensorrt", ("s8",), fold_activations=False, requantize_after=frozenset(), pin_fp32_layers=False,
@@ -397,6 +408,46 @@ def _pin_fp32_layers(graph: Any) -> int:
     return pinned
 
 
+#: Ops that scale/shift their input by constants (per channel or per tensor).
+AFFINE_OPS = frozenset({"BatchNormalization", "Mul", "Add", "Sub", "Div"})
+
+
+def _affine_by_constants(node: Any) -> bool:
+    import onnx_graphsurgeon as gs
+
+    if node.op == "BatchNormalization":
+        return True
+    return node.op in AFFINE_OPS and len(node.inputs) == 2 and any(isinstance(t, gs.Constant) for t in node.inputs)
+
+
+def _float_concats_before_affine(graph: Any, points: dict[str, dict[str, Any]]) -> list[str]:
+    """Drop the pair on a multi-input Concat's output that an affine op with constants reads; the dropped points.
+
+    The pattern ``Concat(a, b) → Q/DQ → BatchNorm → Q/DQ → Conv`` (DenseNet-121's pre-activation
+    BN-ReLU-conv over the concatenated features; the ReLU is folded into the second pair) makes
+    OpenVINO 2026.4.1's ``MoveFakeQuantize`` (it moves a FakeQuantize after a Concat onto the
+    Concat's inputs) dereference a null node whenever the first pair's zero point is not 0; a
+    one-input Concat, a Conv reading the pair, or no pair after the affine op compile. Without the
+    pair the affine op reads the concatenation of its inputs' own Q/DQ values, in float (what
+    OpenVINO's NNCF does: it quantizes the inputs of Conv/MatMul, not of a BatchNorm); the Conv after
+    still reads its own pair and runs int8. Applied whatever the zero point, so the placement does
+    not depend on calibration.
+    """
+    from graphopt.backends._trt_placement import _drop_pair, _pair_input
+
+    point_of = {p["tensor"]: name for name, p in points.items()}
+    dropped = []
+    for dq in [n for n in graph.nodes if n.op == "DequantizeLinear" and _pair_input(n) is not None]:
+        src = _pair_input(dq).inputs
+        if len(src) != 1 or src[0].op != "Concat" or len(src[0].inputs) < 2:
+            continue
+        if any(_affine_by_constants(c) for c in dq.outputs[0].outputs):
+            _drop_pair(graph, dq)
+            dropped.append(point_of.get(dq.inputs[0].name, dq.inputs[0].name))
+    graph.cleanup()
+    return dropped
+
+
 def _collect_points(graph: Any) -> dict[str, dict[str, Any]]:
     """{simulated quantizer node: its QuantizeLinear's output tensor and qparams}; drops the tag attribute."""
     points: dict[str, dict[str, Any]] = {}
@@ -432,6 +483,13 @@ def _shape(model_bytes: bytes, policy: QDQPolicy, sim: GraphModule) -> tuple[Any
         placement = place_for_tensorrt(graph, points)
         mirror_on_simulation(sim, placement)
         stats.update(placement.stats())
+    if policy.float_concat_before_affine:
+        from graphopt.backends._trt_placement import Placement, mirror_on_simulation
+
+        dropped = _float_concats_before_affine(graph, points)
+        if dropped:  # (other models' manifests and simulations stay as they were)
+            mirror_on_simulation(sim, Placement(dropped=dropped))
+            stats["float_concats_before_affine"] = len(dropped)
     if policy.fold_activations:
         stats["relu_clip_absorbed"] = _drop_redundant_activations(graph)
     graph.cleanup()

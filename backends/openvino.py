@@ -10,6 +10,11 @@ AMX-BF16; elsewhere the target is unavailable and says which feature is missing)
 table (:data:`OPENVINO`); OpenVINO turns every QuantizeLinear/DequantizeLinear pair into a
 FakeQuantize and its low-precision transformations run the convolutions on u8/i8 values.
 Layers kept in fp32 (``--keep-fp32``) have no Q/DQ on their weights and run in fp32 (or bf16, below).
+OpenVINO 2026.4.1's CPU plugin segfaults compiling ``Concat (2+ inputs) → Q/DQ (zero point ≠ 0) →
+BatchNorm/Mul/Add by constants → Q/DQ`` (DenseNet-121's pre-activation layers; in its low-precision
+``MoveFakeQuantize``), so the row leaves that concatenation's pair out, in the simulation too
+(``float_concat_before_affine``, :func:`~graphopt.backends._onnx_qdq._float_concats_before_affine`);
+every conv still runs u8. Each model is still compiled once in a child process first (:func:`_compile_in_child`).
 
 Activation scheme, chosen by measurement (``insert-quant-stubs{activations=u8|s8}`` on the
 same calibration, 224x224, batch 1, 2 OpenVINO threads, 15 interleaved rounds of 10 runs,
@@ -342,16 +347,17 @@ _CHILD = "import json, sys, openvino as ov; c = ov.Core(); c.compile_model(c.rea
 
 def _compile_in_child(data: bytes, target: str, config: dict[str, Any]) -> None:
     """Compile the model once in a child process first: OpenVINO 2026.4.1's CPU plugin segfaults on
-    some graphs (DenseNet-121's Q/DQ model), which would kill this process with no message and
-    take a ``--target cpu`` search down with it. A crash there is a LoweringError naming the signal;
-    an ordinary failure is left to the compile in this process, which reports its own message."""
+    some graphs (DenseNet-121's Q/DQ model did, before OpenVINO's placement row avoided its pattern),
+    which would kill this process with no message and take a ``--target cpu`` search down with it.
+    A crash there is a LoweringError naming the signal; an ordinary failure is left to the compile
+    in this process, which reports its own message."""
     with tempfile.TemporaryDirectory(prefix="graphopt-ov-") as tmp:
         path = Path(tmp) / "model.onnx"
         path.write_bytes(data)
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), json.dumps(config)], capture_output=True)
     if proc.returncode < 0:
         raise LoweringError(f"{target}: OpenVINO crashed (signal {-proc.returncode}) compiling this model for the CPU; "
-                            "a known OpenVINO defect on some graphs (e.g. DenseNet-121 int8): use ort-int8 or cpu-int8")
+                            "a known OpenVINO defect on some graphs: use ort-int8 or cpu-int8")
 
 
 def _target(precision: str, pipeline: str, doc: str) -> TargetSpec:

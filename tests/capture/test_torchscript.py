@@ -56,17 +56,9 @@ def test_traced_zoo_model_compiles_on_cpu_int8_without_trust_pickle(tmp_path, na
     assert result.report.verification
 
 
-#: Known, open (issue 13 note): OpenVINO 2026.4.1's CPU plugin segfaults in compile_model on
-#: DenseNet-121's int8 Q/DQ model (any source, with or without the fp32 fallback layers); the
-#: backend turns that into a LoweringError (tests/backends/test_openvino.py).
-OPENVINO_CRASHES = {("densenet121", "ov-int8"): "OpenVINO 2026.4.1 crashes compiling DenseNet-121's Q/DQ model (open)"}
-
-
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", EVERY_TARGET_MODELS)
 def test_traced_zoo_model_compiles_on_every_target_and_matches_the_script_module(tmp_path, name, target):
-    if (name, target) in OPENVINO_CRASHES:
-        pytest.skip(OPENVINO_CRASHES[name, target])
     path = traced(name, tmp_path / f"{name}.pt")
     out = tmp_path / "out"
     result = graphopt.compile(str(path), target=target, input_shapes=[shape_of(name)], output=out, verify_samples=2,
