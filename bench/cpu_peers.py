@@ -140,8 +140,9 @@ def openvino_nncf(fp32_onnx: Path, calib: list[torch.Tensor], threads: int) -> C
 
 
 def time_interleaved(variants: dict[str, Callable[..., Any]], x: torch.Tensor, rounds: int, runs: int,
-                     settle_ms: float = 30.0) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in variants}
+                     settle_ms: float = 30.0) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(median ms of every timed call, each round's median ms) per variant."""
+    times: dict[str, list[list[float]]] = {k: [] for k in variants}
     order = list(variants)
     rng = random.Random(0)
     with torch.inference_mode():
@@ -153,11 +154,14 @@ def time_interleaved(variants: dict[str, Callable[..., Any]], x: torch.Tensor, r
                 while calls < 3 or (time.perf_counter() - start) * 1e3 < settle_ms:  # the previous variant's threads still spin
                     fn(x)
                     calls += 1
+                block = []
                 for _ in range(runs):
                     t0 = time.perf_counter()
                     fn(x)
-                    times[key].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+                    block.append((time.perf_counter() - t0) * 1e3)
+                times[key].append(block)
+    return ({k: statistics.median(t for block in v for t in block) for k, v in times.items()},
+            {k: [statistics.median(block) for block in v] for k, v in times.items()})
 
 
 def accuracy(want: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
@@ -193,8 +197,8 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
         with torch.inference_mode():
             want = variants[EAGER](x)
             acc = {k: accuracy(want, fn(x)) for k, fn in variants.items()}
-        med = time_interleaved(variants, x, args.rounds, args.runs, args.settle_ms)
-    return {"model": name, "batch": batch, "median_ms": med, "cosine": {k: a[0] for k, a in acc.items()},
+        med, per_round = time_interleaved(variants, x, args.rounds, args.runs, args.settle_ms)
+    return {"model": name, "batch": batch, "median_ms": med, "round_ms": per_round, "cosine": {k: a[0] for k, a in acc.items()},
             "top1": {k: a[1] for k, a in acc.items()}, "notes": notes}
 
 
@@ -203,7 +207,14 @@ def ratios(row: dict[str, Any]) -> dict[str, float | None]:
     med = row["median_ms"]
 
     def r(a: str, b: str) -> float | None:
-        return med[a] / med[b] if a in med and b in med else None
+        """Median over the rounds of a's / b's round medians: both sides of each ratio ran in the same round,
+        so a slow spell of the machine divides out (medians of all calls drift with it)."""
+        if a not in med or b not in med:
+            return None
+        rounds = row.get("round_ms")
+        if not rounds:
+            return med[a] / med[b]
+        return statistics.median(x / y for x, y in zip(rounds[a], rounds[b]))
 
     peers = [k for k in med if k in (AO, ORT_QS, OV_ON_QS, OV_NNCF, "ov-fp32", "ov-bf16", "cpu-int8", "ort-int8", "ov-int8")]
     fastest_peer = min(peers, key=med.__getitem__) if peers else None
@@ -220,7 +231,7 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
         cells = [f"{row['median_ms'][k]:.2f} ({row['cosine'][k]:.4f}/{row['top1'][k]:.2f})" if k in row["median_ms"] else "–"
                  for k in keys]
         print(f"| {row['model']}, {row['batch']} | " + " | ".join(cells) + " |")
-    print("\nratios (medians, same run)")
+    print("\nratios (same run; median over the rounds of the per-round ratio)")
     for row in rows:
         print(f"  {row['model']}, {row['batch']}: " + "; ".join(f"{k} = {v:.3f}" for k, v in ratios(row).items() if v is not None))
     for row in rows:

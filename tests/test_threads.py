@@ -71,6 +71,34 @@ def test_torch_targets_record_and_honour_threads(tmp_path, target, field):
     assert json.loads((tmp_path / target / "artifact.json").read_text())["threads"] == 3  # loading rewrites nothing
 
 
+def test_cpu_int8_fast_path_keeps_the_engine_and_threads_right(tmp_path):
+    """In a serving loop (inference mode, threads and engine already set) cpu-int8 calls its frozen
+    module directly; a changed engine or thread count still takes the checked path."""
+    _compile(tmp_path, "cpu-int8", threads=2)
+    art = load_artifact(tmp_path / "cpu-int8")
+    x = torch.randn(art.input_specs[0].shape, generator=torch.Generator().manual_seed(0))
+    expected = art.run(x)
+    other = next(e for e in ("fbgemm", "onednn", "x86") if e != art.engine and e in torch.backends.quantized.supported_engines)
+    recorder = _Recorder(art._runner)
+    art._runner = recorder
+    threads, engine = torch.get_num_threads(), torch.backends.quantized.engine
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            assert torch.equal(art.run(x), expected)  # the direct call
+            torch.backends.quantized.engine = other
+            assert torch.equal(art.run(x), expected)
+            assert torch.backends.quantized.engine == art.engine  # put back by the checked path
+            torch.set_num_threads(1)
+            assert torch.equal(art.run(x), expected)
+            assert torch.get_num_threads() == 1  # restored after the run
+        assert torch.equal(art.run(x), expected)  # outside inference mode: checked path, no autograd graph
+        assert recorder.seen == [2, 2, 2, 2]
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.quantized.engine = engine
+
+
 @pytest.mark.parametrize("target", ["ort-fp32", "ort-int8"])
 def test_ort_session_gets_the_threads(tmp_path, target):
     pytest.importorskip("onnxruntime")
