@@ -6,10 +6,11 @@ each target of the family through :func:`graphopt.compile` (each verified on its
 artifact, read back from disk, against its own tolerance); the candidates share one
 capture, one set of data and, per distinct pipeline, one run of the passes (so ``ort-int8``
 and ``ov-int8`` share one calibration). The verified artifacts are then timed on the
-input shapes being compiled for, one at a time (:func:`time_candidates`: a settling warm-up, median
-of 30 calls, two passes in opposite orders), and the fastest is written to the output folder. Every candidate is
-a row of the table (``report.json``: ``candidates``), unavailable and failed ones with
-their reason.
+input shapes being compiled for, one at a time (:func:`time_candidates`: six rounds in
+alternating order, each a settling warm-up and 10 timed calls per candidate; the median of
+the round medians), and the fastest is written to the output folder. Every candidate is a
+row of the table (``report.json``: ``candidates``), unavailable and failed ones with their
+reason.
 """
 
 from __future__ import annotations
@@ -81,23 +82,25 @@ class Candidate:
 
 
 def time_candidates(artifacts: dict[str, Artifact], inputs: tuple[torch.Tensor, ...], *, warmup: int = 5,
-                    settle_ms: float = 30.0, runs: int = 30) -> dict[str, float]:
-    """Each artifact's median latency (ms) over ``runs`` calls, timed one artifact at a time.
+                    settle_ms: float = 30.0, runs: int = 10, rounds: int = 6) -> dict[str, float]:
+    """Each artifact's latency (ms): the median over ``rounds`` of its block medians.
 
     Not interleaved call by call: right after another runtime has run, its idle threads
     still spin for a few milliseconds (torch's OpenMP pool, ONNX Runtime's, OpenVINO's) and
     tax whichever artifact follows (measured: ov-int8 ResNet-18 4.6 ms alone, 5.3 ms
     interleaved with cpu-int8 and ort-int8 in one process; at 64x64 cpu-int8's first calls
     after ort-int8 took 1.67, 0.98, 0.77 ms against 0.68 steady; the deployed model runs
-    alone). Each block starts with untimed calls, at least ``warmup`` of them and for at least
-    ``settle_ms``; two passes, the second in reverse order, and the lower of each artifact's
-    two medians counts, so a slow spell of the machine hits one pass only.
+    alone). So each round times every artifact in its own block: untimed calls, at least
+    ``warmup`` of them and for at least ``settle_ms``, then ``runs`` timed ones. Rounds
+    alternate the order, and the median over rounds counts: this machine's speed drifts by
+    20-30 % over seconds (MobileNetV2 batch 8: ov-int8 14.7 ms, then 11.4 ms a few seconds
+    later in one process), and two long passes let a slow spell flip a 20 % decision.
     """
-    best: dict[str, float] = {}
+    medians: dict[str, list[float]] = {name: [] for name in artifacts}
     order = list(artifacts)
     with torch.inference_mode():
-        for names in (order, order[::-1]):
-            for name in names:
+        for r in range(rounds):
+            for name in (order if r % 2 == 0 else order[::-1]):
                 art = artifacts[name]
                 start, calls = time.perf_counter(), 0
                 while calls < warmup or (time.perf_counter() - start) * 1e3 < settle_ms:
@@ -108,8 +111,8 @@ def time_candidates(artifacts: dict[str, Artifact], inputs: tuple[torch.Tensor, 
                     t0 = time.perf_counter()
                     art.run(*inputs)
                     times.append((time.perf_counter() - t0) * 1e3)
-                best[name] = min(best.get(name, float("inf")), statistics.median(times))
-    return best
+                medians[name].append(statistics.median(times))
+    return {name: statistics.median(m) for name, m in medians.items()}
 
 
 def _compile_candidate(source: Any, opts: CompileOptions, spec: TargetSpec, folder: Path) -> Candidate:
