@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import threading
 import time
 import warnings
@@ -117,22 +118,94 @@ def _open_study(settings: TuneSettings) -> Any:
     db = settings.output / "study.db"
     if settings.storage is None and db.exists() and not settings.resume:
         raise UsageError(f"'{settings.output}' already holds a study ({db}); pass --resume to continue it, or another -o")
-    settings.output.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(settings.storage_url, heartbeat_interval=max(1, round(HEARTBEAT_S)),
-                                         grace_period=max(1, round(4 * HEARTBEAT_S)))
     sampler = (optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, constant_liar=True)
                if settings.sampler == "tpe" else optuna.samplers.NSGAIISampler(seed=settings.seed))
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler,
-                                directions=["maximize", "minimize"], load_if_exists=True)
-    theirs = study.user_attrs.get("settings")
-    if theirs is None:
-        study.set_user_attr("settings", settings.fingerprint())
-    elif theirs != settings.fingerprint():
-        diff = [k for k in theirs if theirs[k] != settings.fingerprint().get(k)]
-        raise UsageError(f"the study in {settings.storage_url} was made with other settings ({', '.join(diff)}: "
-                         f"{', '.join(repr(theirs[k]) for k in diff)}); use another -o/--storage")
+
+    def create() -> Any:
+        storage = optuna.storages.RDBStorage(settings.storage_url, heartbeat_interval=max(1, round(HEARTBEAT_S)),
+                                             grace_period=max(1, round(4 * HEARTBEAT_S)))
+        return optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler,
+                                   directions=["maximize", "minimize"], load_if_exists=True)
+
+    made = not settings.output.exists()
+    settings.output.mkdir(parents=True, exist_ok=True)
+    try:
+        study = _opened(create, settings.storage_url if settings.storage is None else f"--storage '{_shown(settings.storage)}'")
+        theirs = study.user_attrs.get("settings")
+        if theirs is None:
+            study.set_user_attr("settings", settings.fingerprint())
+        elif theirs != settings.fingerprint():
+            diff = [k for k in theirs if theirs[k] != settings.fingerprint().get(k)]
+            raise UsageError(f"the study in {_shown(settings.storage_url)} was made with other settings ({', '.join(diff)}: "
+                             f"{', '.join(repr(theirs[k]) for k in diff)}); use another -o/--storage")
+    except BaseException:
+        if made:  # a study that cannot be opened or joined leaves no output folder behind
+            shutil.rmtree(settings.output, ignore_errors=True)
+        raise
     optuna.storages.fail_stale_trials(study)  # trials of a process that died: failed, not counted
     return study
+
+
+#: how long a worker retries opening a storage that another worker is creating at the same moment
+OPEN_RETRY_S = 30.0
+
+
+def _shown(url: str) -> str:
+    """A storage URL as messages show it: the password masked."""
+    import sqlalchemy.engine
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL at all: shown as given (it holds no parsed password)
+        return url
+
+
+def _racing(exc: BaseException) -> bool:
+    """An error of opening a storage whose schema another worker is creating right now.
+
+    Optuna creates the tables, the version row and the alembic stamp on first open without a
+    lock: workers that start together on a fresh database collide (a UNIQUE constraint,
+    "table ... already exists", "database is locked", or the schema check reading a stamp not
+    written yet). Opened again a moment later, the storage is whole.
+    """
+    import sqlalchemy.exc
+
+    if isinstance(exc, sqlalchemy.exc.IntegrityError):
+        return True
+    if isinstance(exc, RuntimeError):  # check_table_schema_compatibility before the winner stamped alembic
+        return "compatible with the table schema" in str(exc)
+    if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError)):
+        text = str(exc).lower()
+        return any(word in text for word in ("already exists", "locked", "duplicate"))
+    return False
+
+
+def _opened(create: Callable[[], Any], where: str) -> Any:
+    """``create()`` (open or create the study), retried while another worker creates the same storage.
+
+    A storage that cannot be opened at all (no such URL scheme, a missing database driver, a
+    folder that does not exist) is a usage error naming it, not an internal one.
+    """
+    import random
+
+    import sqlalchemy.exc
+
+    deadline = time.monotonic() + OPEN_RETRY_S
+    wait = 0.05
+    while True:
+        try:
+            return create()
+        except ImportError as exc:  # optuna's message: the DB driver for the URL's dialect is not installed
+            raise UsageError(f"{where}: {exc} (for example pip install psycopg2-binary or pymysql)") from None
+        except sqlalchemy.exc.ArgumentError as exc:
+            raise UsageError(f"{where}: not a database URL ({exc}); examples: sqlite:///study.db, "
+                             "postgresql://user:password@host/db, mysql+pymysql://user:password@host/db") from None
+        except (sqlalchemy.exc.SQLAlchemyError, RuntimeError) as exc:
+            if not _racing(exc) or time.monotonic() > deadline:
+                detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+                raise UsageError(f"{where}: cannot open the study's database: {type(exc).__name__}: {detail}") from None
+            time.sleep(wait * (1 + random.random()))  # jitter: racing workers do not retry in step
+            wait = min(2 * wait, 1.0)
 
 
 def counted(trial: Any) -> bool:

@@ -141,3 +141,60 @@ def test_two_workers_on_one_sqlite_study(tmp_path):
                 ran.setdefault(int(d.name), []).append(i)
     assert sorted(ran) == sorted(t.number for t in counted) and all(len(w) == 1 for w in ran.values())
     assert {w for ws in ran.values() for w in ws} == {0, 1}  # both workers did some of the work
+
+
+def test_opening_retries_while_another_worker_creates_the_storage(tmp_path, monkeypatch):
+    """Optuna creates a fresh storage's schema without a lock: the worker that loses the race opens it again."""
+    import sqlalchemy.exc
+
+    from graphopt.tune import study as study_mod
+
+    real, calls, error = optuna.storages.RDBStorage, [], []
+
+    class Racing(real):  # what the losing worker sees, as measured with two workers on one fresh database
+        def __init__(self, *args, **kw):
+            calls.append(1)
+            if len(calls) <= len(error):
+                raise error[len(calls) - 1]
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Racing)
+    race = sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {},
+                                         Exception("UNIQUE constraint failed: alembic_version.version_num"))
+    error[:] = [race, race]
+    settings = _settings(tmp_path / "out", storage=f"sqlite:///{tmp_path / 'shared.db'}")
+    study = study_mod._open_study(settings)
+    assert len(calls) == 3 and study.user_attrs["settings"] == settings.fingerprint()
+    # an error that is not a race is not retried: one try, a usage error naming the storage, no output folder
+    calls.clear()
+    error[:] = [sqlalchemy.exc.OperationalError("SELECT", {}, Exception("disk I/O error"))]
+    with pytest.raises(UsageError, match=r"--storage 'sqlite:///.*other\.db': cannot open .*disk I/O error"):
+        study_mod._open_study(_settings(tmp_path / "fresh", storage=f"sqlite:///{tmp_path / 'other.db'}"))
+    assert calls == [1] and not (tmp_path / "fresh").exists()
+
+
+_OPEN_AT = """
+import sys, time
+from graphopt.tune.study import TuneSettings, _open_study
+start, folder, worker = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+failed = []
+for k in range(8):  # eight fresh databases, each opened by every worker at the same instant
+    time.sleep(max(0.0, start + 0.5 * k - time.time()))
+    try:
+        _open_study(TuneSettings(source="zoo:digits_cnn", targets=["cpu-fp32"], output=f"{folder}/w{worker}-{k}",
+                                 storage=f"sqlite:///{folder}/db{k}.db"))
+    except Exception as exc:
+        failed.append(f"db{k}: {exc}")
+print(failed)
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_workers_that_start_together_on_a_fresh_database_all_open_it(tmp_path):
+    """Before the retry, most starts lost a worker (UNIQUE constraint failed: alembic_version.version_num)."""
+    start = time.time() + 5  # past the imports, so the workers open each database at the same instant
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, str(start), str(tmp_path), str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], logs
+    assert all(optuna.get_all_study_names(f"sqlite:///{tmp_path / f'db{k}.db'}") == [STUDY_NAME] for k in range(8))
