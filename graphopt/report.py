@@ -134,7 +134,7 @@ class Report:
             console.print(f"[yellow]warning:[/yellow] {w}")
 
     def detail_lines(self) -> list[str]:
-        """One line each for the error split, the layers kept in fp32, calibration and recovery."""
+        """One line each for the error split, the layers kept out of int8, calibration and recovery."""
         lines = []
         split = self.extra.get("int8_verification")
         if split:
@@ -160,18 +160,20 @@ class Report:
             lo = self.extra["lowering_error"]
             lines.append(f"  lowering error ({self.target} vs optimized program): max_rel_err {lo['max_rel_err']:.3g}")
         quant = self.extra.get("quantization") or {}
+        # what the part left out of int8 runs in: fp32, or bf16 under ov-int8 --float-precision bf16
+        fl = (self.extra.get("openvino") or {}).get("float_precision", "fp32")
         kept = quant.get("kept_fp32") or []
         if kept:
             why = ", ".join(
                 f"{k['layer']} ({k['reason']}" + (f", sensitivity {k['sensitivity']:.3g})" if "sensitivity" in k else ")")
                 for k in kept
             )
-            lines.append(f"kept in fp32: {why}")
+            lines.append(f"kept in {fl}: {why}")
         floats = quant.get("float_ops") or []
         if floats:
             counts = Counter(f["op"] for f in floats)
             ops = ", ".join(f"{op} x{k}" for op, k in counts.items())
-            lines.append(f"fp32 ops (no int8 kernel, between dequantize and quantize): {ops}")
+            lines.append(f"{fl} ops (no int8 kernel, between dequantize and quantize): {ops}")
         trt = self.extra.get("tensorrt")
         if trt:
             layers = trt.get("layer_precisions")

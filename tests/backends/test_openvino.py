@@ -365,6 +365,8 @@ def test_float_precision_bf16_compiles_verifies_and_reloads_in_a_fresh_process(h
     lines = result.report.detail_lines()
     assert any(line.startswith("openvino: float part (--float-precision) in bf16; each quantized op held to 4 output steps")
                for line in lines), lines
+    assert any(line.startswith("kept in bf16: ") for line in lines), lines
+    assert not any(line.startswith(("kept in fp32", "fp32 ops")) for line in lines), lines
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(5))
     np.save(tmp_path / "x.npy", x.numpy())
     expected = result.artifact.run(x)
