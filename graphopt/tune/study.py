@@ -173,7 +173,8 @@ def _racing(exc: BaseException) -> bool:
     if isinstance(exc, sqlalchemy.exc.IntegrityError):
         return True
     if isinstance(exc, RuntimeError):  # check_table_schema_compatibility before the winner stamped alembic
-        return "compatible with the table schema" in str(exc)
+        # (a storage made by an older Optuna asks for `optuna storage upgrade`: that one is no race)
+        return "compatible with the table schema" in str(exc) and "storage upgrade" not in str(exc)
     if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError)):
         text = str(exc).lower()
         return any(word in text for word in ("already exists", "locked", "duplicate"))
